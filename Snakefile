@@ -1,0 +1,30 @@
+# keyred workflow: table of contents. Each stage lives in workflow/rules/<stage>.smk and calls
+# `python -m keyred.<stage>`; paths and target lists are built in workflow/rules/common.smk.
+# Default: the embedded tiny configuration on CPU (`snakemake -c all`). Another config:
+# `snakemake -c all --configfile path/to/config.yaml`.
+
+configfile: "config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/figures.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),
+
+
+rule models:
+    """Every language-model checkpoint of the config."""
+    input:
+        checkpoints(),
+
+
+rule training_loss:
+    """The training-loss table and figure."""
+    input:
+        path("tables", "training_loss.csv"),
+        path("figures", "training_loss.png"),

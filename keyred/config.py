@@ -1,0 +1,113 @@
+"""The workflow configuration: schema validation with defaults, and typed settings.
+
+`workflow/schemas/config.schema.yaml` is the single source of truth: every key, its default and
+its description. `validate_config` fills defaults and raises `ConfigError` naming the key path
+and what is allowed; `settings_from_dict` turns one section into a frozen dataclass.
+Importing this module is cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any, TypeVar
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def load_schema(path: Path = SCHEMA_PATH) -> dict:
+    with open(path) as f:
+        return yaml.safe_load(f)
+
+
+def _key_path(parts) -> str:
+    return ".".join(str(p) for p in parts) or "<top level>"
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    """One readable line: the key path, what is wrong, what is allowed."""
+    schema = error.schema
+    where = _key_path(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = sorted(schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        return (f"config key '{where}': unknown key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys: {', '.join(allowed) or 'none'}")
+    if error.validator == "enum":
+        return (f"config key '{where}': {error.instance!r} is not allowed; "
+                f"allowed values: {', '.join(map(str, schema['enum']))}")
+    if error.validator == "required":
+        return f"config key '{where}': {error.message}"
+    if error.validator == "pattern":
+        return f"config key '{where}': {error.instance!r} must match the pattern {schema['pattern']}"
+    description = schema.get("description", "").strip()
+    hint = f" ({description})" if description else ""
+    return f"config key '{where}': {error.message}{hint}"
+
+
+def _fill_defaults(instance: Any, schema: dict) -> Any:
+    """Recursively insert schema defaults for missing object keys (instance is modified)."""
+    if not isinstance(instance, dict) or schema.get("type") != "object":
+        return instance
+    for key, sub in schema.get("properties", {}).items():
+        if key not in instance and "default" in sub:
+            instance[key] = copy.deepcopy(sub["default"])
+        if key in instance:
+            _fill_defaults(instance[key], sub)
+    extra = schema.get("additionalProperties")
+    if isinstance(extra, dict):
+        for key in set(instance) - set(schema.get("properties", {})):
+            _fill_defaults(instance[key], extra)
+    return instance
+
+
+def validate_config(config: dict, schema: dict | None = None) -> dict:
+    """Return a validated copy of `config` with every default filled in.
+
+    Raises ConfigError listing every problem, one line each, with the key path.
+    """
+    schema = schema or load_schema()
+    if not isinstance(config, dict):
+        raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(config).__name__}")
+    filled = _fill_defaults(copy.deepcopy(config), schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(filled), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        lines = "\n  ".join(dict.fromkeys(_describe(e) for e in errors))
+        raise ConfigError(f"invalid configuration:\n  {lines}")
+    return filled
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config file and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    return validate_config(raw)
+
+
+def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
+    """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"config key '{section}': unknown key(s) {', '.join(map(repr, unknown))}; "
+                          f"allowed keys: {', '.join(sorted(fields))}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(values))
+    if missing:
+        raise ConfigError(f"config key '{section}': missing key(s) {', '.join(missing)}")
+    return cls(**values)

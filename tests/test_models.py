@@ -1,0 +1,153 @@
+"""Models by family and size, training on CPU, and self-describing checkpoints."""
+import json
+
+import pytest
+import torch
+
+from keyred.models import (FAMILIES, CheckpointError, ModelSpecError, architecture, build_model, key_head_dim,
+                           load_checkpoint, new_info, read_info, save_checkpoint)
+from keyred.synthetic import MarkovChain, MarkovSettings
+from keyred.train import ModelChoice, NonFiniteLossError, TrainSettings, train_language_model
+
+VOCAB = 64
+
+
+def tiny(family, seed=0):
+    return build_model(family, "tiny", vocab_size=VOCAB, seed=seed)
+
+
+def test_unknown_family_and_size_list_the_allowed_ones():
+    with pytest.raises(ModelSpecError, match="unknown model family 'mamba'; allowed families: delta_net, "
+                                             "gated_deltanet, gated_deltaproduct"):
+        architecture("mamba", "tiny")
+    with pytest.raises(ModelSpecError, match=r"unknown model size '7B'; allowed sizes: tiny, small, 340M, 1.3B"):
+        architecture("delta_net", "7B")
+
+
+@pytest.mark.parametrize("family, size, d_k, layers", [
+    ("delta_net", "1.3B", 128, 24), ("delta_net", "340M", 128, 24), ("gated_deltanet", "1.3B", 256, 21),
+    ("delta_net", "tiny", 16, 2), ("gated_deltaproduct", "tiny", 16, 2),
+])
+def test_named_sizes(family, size, d_k, layers):
+    from keyred.models import model_config
+    config = model_config(family, size)
+    assert config.model_type == family
+    assert key_head_dim(config) == d_k and config.num_hidden_layers == layers
+
+
+def test_small_size_is_about_30M_without_embeddings():
+    from keyred.models import count_parameters
+    with torch.device("meta"):
+        model = build_model("delta_net", "small")
+    assert 20e6 < count_parameters(model, include_embeddings=False) < 40e6
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_gives_identical_logits(tmp_path, family):
+    model = tiny(family, seed=3).eval()
+    tokens = torch.randint(VOCAB, (2, 80))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    info = new_info(family, "tiny", stage="test", seed=3, parent=None, extra={"note": "x"})
+    save_checkpoint(model, tmp_path / "ckpt", info)
+    loaded, loaded_info = load_checkpoint(tmp_path / "ckpt")
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, expected)
+    assert loaded_info == info
+    assert set(info.versions) >= {"torch", "flash-linear-attention", "transformers", "keyred"}
+
+
+def test_plain_transformers_reloads_a_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+    model = tiny("gated_deltanet")
+    save_checkpoint(model, tmp_path / "c", new_info("gated_deltanet", "tiny", stage="test"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "c")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "ckpt"
+    save_checkpoint(tiny("delta_net"), path, new_info("delta_net", "tiny", stage="test"))
+    return path
+
+
+def test_missing_weights_are_named(saved):
+    (saved / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="has no weights"):
+        load_checkpoint(saved)
+
+
+def test_missing_config_is_named(saved):
+    (saved / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_checkpoint(saved)
+
+
+def test_corrupt_weights_are_reported(saved):
+    (saved / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="could not load checkpoint"):
+        load_checkpoint(saved)
+
+
+def test_corrupt_metadata_is_reported(saved):
+    (saved / "keyred.json").write_text("{broken")
+    with pytest.raises(CheckpointError, match="corrupt metadata"):
+        read_info(saved)
+
+
+def test_unknown_model_type_and_missing_folder(saved, tmp_path):
+    config = json.loads((saved / "config.json").read_text())
+    (saved / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="is a 'llama' model; keyred handles delta_net"):
+        load_checkpoint(saved)
+    with pytest.raises(CheckpointError, match="is not a folder"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch):
+    model = tiny("delta_net")
+
+    def fail(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(model), "save_pretrained", fail)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(model, tmp_path / "ckpt", new_info("delta_net", "tiny", stage="test"))
+    assert list(tmp_path.iterdir()) == []
+
+
+SHORT = TrainSettings(steps=40, batch_size=8, seq_len=64, lr=3e-3, min_lr_ratio=0.1, warmup_steps=5,
+                      weight_decay=0.1, grad_clip=1.0, log_every=5, seed=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tiny_model_trains_on_cpu(family):
+    data = MarkovSettings(vocab_size=VOCAB, successors=2, seed=0)
+    _, rows = train_language_model("t", ModelChoice(family, "tiny"), data, SHORT, "cpu", log=lambda *_: None)
+    first, last = rows[0]["loss"], rows[-1]["loss"]
+    assert last < first - 0.5, (first, last)
+    assert last < torch.log(torch.tensor(float(VOCAB))).item() - 0.5
+
+
+def test_non_finite_loss_stops_training(monkeypatch):
+    import keyred.models
+
+    def poisoned(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.get_input_embeddings().weight.data[:] = float("nan")
+        return model
+
+    monkeypatch.setattr(keyred.models, "build_model", poisoned)
+    data = MarkovSettings(vocab_size=VOCAB, successors=2, seed=0)
+    with pytest.raises(NonFiniteLossError, match="training loss is nan at step 0"):
+        train_language_model("t", ModelChoice("delta_net", "tiny"), data, SHORT, "cpu", log=lambda *_: None)
+
+
+def test_markov_entropy_floor_is_below_uniform():
+    chain = MarkovChain(MarkovSettings(vocab_size=32, successors=2, seed=0))
+    assert 0 < chain.entropy_rate() <= torch.log(torch.tensor(2.0)).item() + 1e-9
+    tokens = chain.sample(4, 50, torch.Generator().manual_seed(0))
+    allowed = chain.next_tokens[tokens[:, :-1]]
+    assert (allowed == tokens[:, 1:, None]).any(-1).all()

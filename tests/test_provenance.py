@@ -1,0 +1,35 @@
+"""Source digests that decide which rules re-run when keyred code changes."""
+import shutil
+
+import keyred.provenance as provenance
+from conftest import REPO
+
+
+def names(module):
+    return {str(p.relative_to(provenance.PACKAGE_ROOT)) for p in provenance.stage_sources(module)}
+
+
+def test_train_stage_sources_follow_imports_transitively():
+    sources = names("keyred.train")
+    # direct imports, lazy imports inside functions, and what those import in turn
+    assert {"train.py", "config.py", "synthetic.py", "models.py", "io.py", "backend.py", "__init__.py"} <= sources
+    assert "kernels/delta_rule.py" in sources and "kernels/__init__.py" in sources
+    assert "figures.py" not in sources
+
+
+def test_figures_stage_does_not_depend_on_models():
+    assert names("keyred.figures") == {"__init__.py", "figures.py", "io.py"}
+
+
+def test_digest_changes_only_with_the_stage_sources(tmp_path, monkeypatch):
+    copy = tmp_path / "keyred"
+    shutil.copytree(REPO / "keyred", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
+    provenance.stage_sources.cache_clear()
+    before = {m: provenance.code_digest(m) for m in ("keyred.train", "keyred.figures")}
+    (copy / "figures.py").write_text((copy / "figures.py").read_text() + "\n# changed\n")
+    provenance.stage_sources.cache_clear()
+    after = {m: provenance.code_digest(m) for m in ("keyred.train", "keyred.figures")}
+    assert after["keyred.train"] == before["keyred.train"]
+    assert after["keyred.figures"] != before["keyred.figures"]
+    provenance.stage_sources.cache_clear()

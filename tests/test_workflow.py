@@ -1,0 +1,114 @@
+"""The Snakemake DAG: dry runs, config errors before any job, the whole default run, reruns."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO
+
+WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "keyred", "profiles")
+
+
+def copy_workflow(destination):
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, destination / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, destination / name)
+    return destination
+
+
+def snakemake(workdir, *args, check=True):
+    """Run snakemake in `workdir` with the keyred copied there first on the import path."""
+    env = {**os.environ, "PYTHONPATH": str(workdir)}
+    result = subprocess.run([sys.executable, "-m", "snakemake", *args], cwd=workdir, env=env,
+                            capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """Job counts from the 'Job stats' table of a dry run ({} when nothing is to be done)."""
+    counts = {}
+    if "Job stats:" not in output:
+        return counts
+    table = output.split("Job stats:")[1]
+    for line in table.splitlines()[3:]:
+        match = re.fullmatch(r"(\w+)\s+(\d+)", line.strip())
+        if not match:
+            break
+        counts[match[1]] = int(match[2])
+    return counts
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return copy_workflow(tmp_path_factory.mktemp("workflow"))
+
+
+def test_dry_run_lists_exactly_the_expected_jobs(workdir):
+    result = snakemake(workdir, "-n", "--cores", "2")
+    assert planned_jobs(result.stdout) == {"train_lm": 2, "training_loss_table": 1, "all": 1, "total": 4}
+
+
+def test_named_target_plans_only_its_jobs(workdir):
+    result = snakemake(workdir, "-n", "--cores", "2", "models")
+    assert planned_jobs(result.stdout) == {"train_lm": 2, "models": 1, "total": 3}
+
+
+def test_bad_config_key_fails_before_any_job(workdir):
+    name = write_yaml(workdir / "bad.yaml", {"train": {"stepz": 10}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "config key 'train': unknown key(s) 'stepz'; allowed keys: batch_size" in output
+    assert not (workdir / "results").exists()
+
+
+def test_out_of_range_value_fails_before_any_job(workdir):
+    name = write_yaml(workdir / "bad_range.yaml", {"models": {"m": {"family": "delta_net", "size": "huge"}}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0
+    assert "models.m.size': 'huge' is not allowed; allowed values: tiny, small, 340M, 1.3B" in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_default_dag_end_to_end_and_incremental_reruns(workdir):
+    snakemake(workdir, "--cores", "2")
+    results = workdir / "results"
+    for model in ("deltanet_tiny", "gated_deltanet_tiny"):
+        checkpoint = results / "models" / model / "checkpoint"
+        assert {"config.json", "model.safetensors", "keyred.json"} <= {p.name for p in checkpoint.iterdir()}
+        assert (results / "logs" / "train_lm" / f"{model}.log").stat().st_size > 0
+    table = pd.read_csv(results / "tables" / "training_loss.csv")
+    for model, rows in table.groupby("model"):
+        assert rows["loss"].iloc[-1] < rows["loss"].iloc[0] - 1.0, model
+    assert (results / "figures" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert not list(results.rglob("*.tmp")), "temporary files left behind"
+
+    # nothing changed: nothing to do
+    assert planned_jobs(snakemake(workdir, "-n", "--cores", "2").stdout) == {}
+    # a config value of one model re-runs that model's training and what depends on it
+    name = write_yaml(workdir / "changed.yaml",
+                      {"models": {"gated_deltanet_tiny": {"family": "gated_deltanet", "size": "small"}}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name)
+    assert planned_jobs(result.stdout) == {"train_lm": 1, "training_loss_table": 1, "all": 1, "total": 3}
+    assert "model=gated_deltanet_tiny" in result.stdout and "model=deltanet_tiny" not in result.stdout
+    # a code change of one stage re-runs only that stage
+    figures = workdir / "keyred" / "figures.py"
+    figures.write_text(figures.read_text() + "\n# a change\n")
+    result = snakemake(workdir, "-n", "--cores", "2")
+    assert planned_jobs(result.stdout) == {"training_loss_table": 1, "all": 1, "total": 2}

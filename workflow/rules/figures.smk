@@ -1,0 +1,15 @@
+# Tables and figures that combine the outputs of several jobs.
+
+
+rule training_loss_table:
+    input:
+        expand(model_path("{model}", "train_loss.csv"), model=MODELS),
+    output:
+        table=path("tables", "training_loss.csv"),
+        figure=path("figures", "training_loss.png"),
+    params:
+        code=code_digest("keyred.figures"),
+    log:
+        log_path("training_loss_table.log"),
+    script:
+        "../scripts/training_loss.py"
