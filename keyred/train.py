@@ -115,7 +115,7 @@ def train_language_model(name: str, model_choice: ModelChoice, data: MarkovSetti
         torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
         window_tokens += tokens.numel()
-        if (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
+        if step == 0 or (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             now = time.perf_counter()
             tokens_per_s = window_tokens / (now - window_start)
             elapsed = now - start
