@@ -12,6 +12,7 @@ try:
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 
+PYTHON = sys.executable  # the interpreter running Snakemake (the project's venv), for every job
 RESULTS = config["results_dir"]
 MODELS = sorted(config["models"])
 

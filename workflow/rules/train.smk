@@ -19,5 +19,5 @@ rule train_lm:
     benchmark:
         path("benchmarks", "train_lm", "{model}.tsv")
     shell:
-        "python -m keyred.train --name {wildcards.model} --spec {params.spec:q} --device {params.device}"
+        "{PYTHON} -m keyred.train --name {wildcards.model} --spec {params.spec:q} --device {params.device}"
         " --threads {threads} --out {output.checkpoint} --losses {output.losses} > {log} 2>&1"
