@@ -41,7 +41,17 @@ CUDA = "cuda"
 OPS_TOL = dict(rel_rms=2e-2, rel_max=3e-2)  # bf16 inputs and outputs, float32 accumulation in both
 GRAD_TOL = dict(rel_rms=3e-2, rel_max=8e-2)
 GATE_GRAD_TOL = dict(rel_rms=8e-2, rel_max=1.5e-1)
-MODEL_TOL = dict(rel_rms=5e-2, rel_max=1.2e-1)  # two layers of bf16 autocast against float32
+# CUDA bf16 autocast (every projection rounded, two layers of O(1) random weights) against CPU
+# float32: two H100 runs of the same test gave Gated DeltaNet T=100 max errors of 0.10 and 0.29 of
+# max |logit| (rel_rms 0.030 and 0.038): fla's autotuned kernels vary between runs, and a single
+# logit can move far. The RMS bound is the meaningful one here; a wrong kernel gives rel_rms ~1.
+MODEL_TOL = dict(rel_rms=5e-2, rel_max=3.5e-1)
+# The same CUDA model under the same autocast, fla's Triton kernels against keyred's torch kernels
+# (only the kernels differ). Measured on an H100: rel_rms 1.9e-2 to 3.1e-2, max 2.2e-2 to 1.9e-1 of
+# max |logit|, the same size as CUDA against CPU: the model-level difference comes from fla's bf16
+# intermediates inside its kernels (op level ~5e-3, about bf16's rounding), amplified by two
+# layers of O(1) random weights, not from the CPU path.
+KERNEL_IN_MODEL_TOL = MODEL_TOL
 
 
 def compare(name: str, fla_value: torch.Tensor, keyred_value: torch.Tensor, rel_rms: float, rel_max: float) -> None:
@@ -236,6 +246,19 @@ def test_cuda_model_matches_cpu_model_through_the_seam(family, length, seam):
             out = cuda_model(ids.to(CUDA), labels=ids.to(CUDA), use_cache=False)
     compare(f"{family} T={length} logits (CUDA bf16 vs CPU float32)", out.logits, reference.logits, **MODEL_TOL)
     compare(f"{family} T={length} loss", out.loss.reshape(1), reference.loss.reshape(1), rel_rms=1e-2, rel_max=1e-2)
+
+
+@pytest.mark.parametrize("length", [40, 100])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fla_and_keyred_kernels_agree_inside_a_cuda_model(family, length, seam, monkeypatch):
+    model = tiny_model(family).eval().to(CUDA)
+    ids = torch.randint(VOCAB, (2, length), generator=torch.Generator().manual_seed(1)).to(CUDA)
+    with torch.no_grad(), torch.autocast(CUDA, dtype=torch.bfloat16):
+        fla_logits = model(ids, use_cache=False).logits
+        monkeypatch.setattr(backend, "_on_cuda", lambda args, kwargs: False)  # keyred's kernels on CUDA
+        keyred_logits = model(ids, use_cache=False).logits
+    compare(f"{family} T={length} logits (fla vs keyred kernels, both CUDA bf16)", fla_logits, keyred_logits,
+            **KERNEL_IN_MODEL_TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

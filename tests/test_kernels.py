@@ -230,3 +230,19 @@ def test_bad_shapes_raise():
         chunk_delta_product(**{**x, "g": x["beta"]}, num_householder=2)
     with pytest.raises(ValueError, match="initial_state has shape"):
         chunk_delta_product(**{**x, "initial_state": x["initial_state"][:, :1]}, num_householder=2)
+
+
+def test_autocast_does_not_change_the_kernel_precision():
+    """Under autocast (CPU here; CUDA autocast would make the matmuls bf16 and break the solves)
+    the kernel still computes in float32."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, K, V = 1, 70, 2, 16, 16
+    q, k = (torch.nn.functional.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1) for _ in range(2))
+    v = torch.randn(B, T, H, V, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen)
+    expected, _ = chunk_gated_delta_rule(q, k, v, beta, g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, _ = chunk_gated_delta_rule(q, k, v, beta, g)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)

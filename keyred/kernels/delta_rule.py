@@ -186,6 +186,14 @@ def _chunked_recurrence(
     q: [B, T, H, K]; k: [B, L, H, K]; v: [B, L, H, V]; beta, g (already expanded): [B, L, H].
     Internally every tensor is chunk-major, [N, B * H, C, ...], with BH = B * H below.
     """
+    with torch.autocast(q.device.type, enabled=False):  # precision is chosen here, not by autocast
+        return _chunked_recurrence_fp(q, k, v, beta, g, n, scale, initial_state, output_final_state,
+                                      chunk_size)
+
+
+def _chunked_recurrence_fp(q, k, v, beta, g, n, scale, initial_state, output_final_state, chunk_size):
+    """`_chunked_recurrence` with autocast off (under CUDA autocast the matmuls would otherwise run in
+    bf16, and triangular solves do not exist for bf16)."""
     B, T, H, K = q.shape
     V, out_dtype = v.shape[-1], v.dtype
     if chunk_size < 1:
