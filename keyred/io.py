@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _default_mode(base: int) -> int:
+    """`base` (0o666 files, 0o777 folders) less the process umask: the mode open()/mkdir() give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return base & ~umask
+
+
 def _temporary_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, _default_mode(0o666))  # mkstemp makes 0600; results are for others to read too
     return Path(name)
 
 
@@ -40,6 +48,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _default_mode(0o777))
     try:
         yield tmp
         if path.exists():
