@@ -151,3 +151,9 @@ def test_markov_entropy_floor_is_below_uniform():
     tokens = chain.sample(4, 50, torch.Generator().manual_seed(0))
     allowed = chain.next_tokens[tokens[:, :-1]]
     assert (allowed == tokens[:, 1:, None]).any(-1).all()
+
+
+def test_hub_name_without_network_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="hub model fla-hub/no-such-model-keyred-test .needs network access"):
+        load_checkpoint("fla-hub/no-such-model-keyred-test")
