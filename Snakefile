@@ -9,6 +9,7 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/state_tracking.smk"
 
 
 rule all:
@@ -28,3 +29,11 @@ rule training_loss:
     input:
         path("tables", "training_loss.csv"),
         path("figures", "training_loss.png"),
+
+
+rule state_tracking:
+    """The state-tracking sweep: tables, accuracy-vs-length figure per group, outcome grid."""
+    input:
+        path("tables", "state_tracking_summary.csv"),
+        path("tables", "state_tracking_curves.csv"),
+        tracking_figures(),

@@ -20,11 +20,7 @@ def combine_tables(paths) -> pd.DataFrame:
 
 def plot_training_loss(table: pd.DataFrame, table_path: str | Path, figure_path: str | Path) -> None:
     """Loss vs step for every model, with each model's entropy floor and log(vocab) for scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     io.write_csv(table_path, table)
     fig, ax = plt.subplots(figsize=(6, 4))
     for (model, family, size), rows in table.groupby(["model", "family", "size"], sort=True):
@@ -39,6 +35,71 @@ def plot_training_loss(table: pd.DataFrame, table_path: str | Path, figure_path:
     ax.legend(fontsize=8)
     ax.set_title("Training loss")
     fig.tight_layout()
-    with io.atomic_file(figure_path) as tmp:
+    _save(fig, figure_path)
+
+
+def _save(fig, path: str | Path) -> None:
+    """Write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    with io.atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_accuracy_vs_length(curves: pd.DataFrame, group: str, figure_path: str | Path) -> None:
+    """State tracking on one group: fraction of test sequences all correct up to t, vs t.
+
+    One colour per model configuration, one line per seed (every seed shown); the training
+    length is marked.
+    """
+    plt = _pyplot()
+    rows = curves[curves["group"] == group]
+    if rows.empty:
+        raise ValueError(f"no state-tracking curves for group {group}")
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = plt.get_cmap("tab10")
+    for index, (label, runs) in enumerate(rows.groupby("model", sort=True)):
+        for seed_index, (seed, run) in enumerate(runs.groupby("seed", sort=True)):
+            ax.plot(run["position"], run["seq_acc_upto"], color=colours(index % 10), linewidth=1.2,
+                    label=label if seed_index == 0 else None, alpha=0.85)
+    for train_length in rows["train_length"].unique():
+        ax.axvline(train_length, color="grey", linestyle="--", linewidth=1)
+        ax.text(train_length, 1.02, f" train length {train_length}", fontsize=8, color="grey")
+    ax.set_xlabel("sequence length t")
+    ax.set_ylabel("fraction of sequences all correct up to t")
+    ax.set_ylim(-0.02, 1.08)
+    ax.set_title(f"State tracking on {group} (one line per seed)")
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    _save(fig, figure_path)
+
+
+def plot_outcome_grid(summary: pd.DataFrame, figure_path: str | Path) -> None:
+    """Group x configuration grid of the longest length solved (>= 99% all correct); each cell
+    lists every seed's value, the colour is their median relative to the test length."""
+    plt = _pyplot()
+    groups = sorted(summary["group"].unique())
+    models = sorted(summary["model"].unique())
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(models), 1.2 + 0.6 * len(groups)))
+    shade = [[float("nan")] * len(models) for _ in groups]
+    for (group, model), runs in summary.groupby(["group", "model"]):
+        i, j = groups.index(group), models.index(model)
+        values = runs.sort_values("seed")["longest_solved"].tolist()
+        shade[i][j] = float(pd.Series(values).median()) / float(runs["test_length"].max())
+        ax.text(j, i, "/".join(str(v) for v in values), ha="center", va="center", fontsize=8)
+    ax.imshow(shade, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    ax.set_xticks(range(len(models)), models, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(groups)), groups)
+    ax.set_title("Longest length solved (>= 99% sequences all correct), per seed", fontsize=9)
+    fig.tight_layout()
+    _save(fig, figure_path)

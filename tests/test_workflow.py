@@ -61,12 +61,30 @@ def workdir(tmp_path_factory):
 
 def test_dry_run_lists_exactly_the_expected_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2")
-    assert planned_jobs(result.stdout) == {"train_lm": 2, "training_loss_table": 1, "all": 1, "total": 4}
+    assert planned_jobs(result.stdout) == {"train_lm": 2, "training_loss_table": 1, "state_tracking_run": 8,
+                                           "state_tracking_tables": 1, "state_tracking_figures": 1, "all": 1,
+                                           "total": 14}
 
 
 def test_named_target_plans_only_its_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2", "models")
     assert planned_jobs(result.stdout) == {"train_lm": 2, "models": 1, "total": 3}
+
+
+def test_paper_state_tracking_config_plans_the_full_sweep(workdir):
+    shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
+    result = snakemake(workdir, "-n", "--cores", "2", "state_tracking",
+                       "--configfile", "configs/state_tracking_paper.yaml")
+    # 4 groups x n_h 1..4 x 2 eigenvalue ranges x 3 seeds
+    assert planned_jobs(result.stdout) == {"state_tracking_run": 96, "state_tracking_tables": 1,
+                                           "state_tracking_figures": 1, "state_tracking": 1, "total": 99}
+
+
+def test_unknown_group_fails_before_any_job(workdir):
+    name = write_yaml(workdir / "bad_group.yaml", {"state_tracking": {"groups": ["S9"]}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0
+    assert "state_tracking.groups" in result.stdout + result.stderr and "joined by _x_" in result.stdout + result.stderr
 
 
 def test_bad_config_key_fails_before_any_job(workdir):
@@ -97,6 +115,16 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
     for model, rows in table.groupby("model"):
         assert rows["loss"].iloc[-1] < rows["loss"].iloc[0] - 1.0, model
     assert (results / "figures" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+    # state tracking on S3 shows the known pattern in every seed
+    summary = pd.read_csv(results / "tables" / "state_tracking_summary.csv")
+    assert len(summary) == 8 and set(summary["seed"]) == {0, 1}
+    for _, run in summary.iterrows():
+        if run["model"] == "DP_2[-1,1]":
+            assert run["seq_acc_at_train_length"] == 1.0 and run["longest_solved"] > run["train_length"], run
+        else:
+            assert run["seq_acc_at_train_length"] < 0.5 and run["longest_solved"] < run["train_length"], run
+    for figure in ("state_tracking_S3.png", "state_tracking_outcomes.png"):
+        assert (results / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
     assert not list(results.rglob("*.tmp")), "temporary files left behind"
 
     # nothing changed: nothing to do
@@ -111,4 +139,5 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
     figures = workdir / "keyred" / "figures.py"
     figures.write_text(figures.read_text() + "\n# a change\n")
     result = snakemake(workdir, "-n", "--cores", "2")
-    assert planned_jobs(result.stdout) == {"training_loss_table": 1, "all": 1, "total": 2}
+    assert planned_jobs(result.stdout) == {"training_loss_table": 1, "state_tracking_tables": 1,
+                                           "state_tracking_figures": 1, "all": 1, "total": 4}

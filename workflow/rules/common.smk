@@ -1,24 +1,41 @@
 # Configuration check, path helpers, wildcard constraints and target lists. No rules here.
 import json
+import os
 import sys
 
 sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 
 from keyred.config import ConfigError, validate_config
+from keyred.groups import group_order
 from keyred.provenance import code_digest
 
 try:
     config.update(validate_config(config))
+    for _group in config["state_tracking"]["groups"]:
+        group_order(_group)  # unknown or too large: the message shows the name grammar
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
+except ValueError as error:
+    raise WorkflowError(f"config key 'state_tracking.groups': {error}") from None
 
 PYTHON = sys.executable  # the interpreter running Snakemake (the project's venv), for every job
 RESULTS = config["results_dir"]
 MODELS = sorted(config["models"])
 
 
+# State-tracking sweep: eigenvalue ranges by path-friendly name.
+EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
+TRACKING = config["state_tracking"]
+TRACKING_GROUPS = TRACKING["groups"]
+
+
 wildcard_constraints:
     model="|".join(MODELS),
+    group="|".join(TRACKING_GROUPS),
+    eig="pos|neg",
+    n_h=r"\d+",
+    layers=r"\d+",
+    seed=r"\d+",
 
 
 def path(*parts):
@@ -46,5 +63,42 @@ def train_spec(model):
     )
 
 
+def tracking_run(*parts):
+    """One run of the state-tracking sweep (wildcards group, n_h, eig, layers, seed)."""
+    return path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}", "seed{seed}", *parts)
+
+
+def tracking_runs(name):
+    """`name` of every run of the sweep."""
+    eig_names = {value: key for key, value in EIGENVALUE_RANGES.items()}
+    return expand(
+        tracking_run(name),
+        group=TRACKING_GROUPS,
+        n_h=TRACKING["num_householder"],
+        eig=[eig_names[r] for r in TRACKING["eigenvalue_ranges"]],
+        layers=TRACKING["layers"],
+        seed=TRACKING["seeds"],
+    )
+
+
+def tracking_spec(wildcards):
+    """Exactly the config values one state-tracking run reads (a rule param)."""
+    model = {**TRACKING["model"], "num_householder": int(wildcards.n_h),
+             "allow_neg_eigval": wildcards.eig == "neg", "num_layers": int(wildcards.layers)}
+    train = {**TRACKING["train"], "group": wildcards.group, "seed": int(wildcards.seed)}
+    return json.dumps({"model": model, "train": train}, sort_keys=True)
+
+
+def tracking_figures():
+    return [path("figures", f"state_tracking_{group}.png") for group in TRACKING_GROUPS] + [
+        path("figures", "state_tracking_outcomes.png")
+    ]
+
+
 def all_targets():
-    return checkpoints() + [path("tables", "training_loss.csv"), path("figures", "training_loss.png")]
+    return (
+        checkpoints()
+        + [path("tables", "training_loss.csv"), path("figures", "training_loss.png")]
+        + [path("tables", "state_tracking_summary.csv"), path("tables", "state_tracking_curves.csv")]
+        + tracking_figures()
+    )

@@ -1,0 +1,56 @@
+# State tracking on group word problems: one job per (group, n_h, eigenvalue range, layers, seed).
+
+
+rule state_tracking_run:
+    output:
+        checkpoint=directory(tracking_run("checkpoint")),
+        curve=tracking_run("curve.csv"),
+        summary=tracking_run("summary.csv"),
+        history=tracking_run("history.csv"),
+    params:
+        spec=tracking_spec,
+        device=config["device"],
+        out=lambda wildcards, output: os.path.dirname(output.summary),
+        code=code_digest("keyred.state_tracking"),
+    threads: config["threads"]
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
+        mem_mb=4000,
+        runtime=120,
+    log:
+        log_path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}_seed{seed}.log"),
+    benchmark:
+        path("benchmarks", "state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}_seed{seed}.tsv")
+    shell:
+        "{PYTHON} -m keyred.state_tracking --spec {params.spec:q} --device {params.device}"
+        " --threads {threads} --out {params.out} > {log} 2>&1"
+
+
+rule state_tracking_tables:
+    input:
+        curves=tracking_runs("curve.csv"),
+        summaries=tracking_runs("summary.csv"),
+    output:
+        curves=path("tables", "state_tracking_curves.csv"),
+        summary=path("tables", "state_tracking_summary.csv"),
+    params:
+        code=code_digest("keyred.figures"),
+    log:
+        log_path("state_tracking_tables.log"),
+    script:
+        "../scripts/state_tracking_tables.py"
+
+
+rule state_tracking_figures:
+    input:
+        curves=path("tables", "state_tracking_curves.csv"),
+        summary=path("tables", "state_tracking_summary.csv"),
+    output:
+        tracking_figures(),
+    params:
+        groups=TRACKING_GROUPS,
+        code=code_digest("keyred.figures"),
+    log:
+        log_path("state_tracking_figures.log"),
+    script:
+        "../scripts/state_tracking_figures.py"

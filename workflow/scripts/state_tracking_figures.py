@@ -1,0 +1,15 @@
+"""Accuracy vs length per group, and the group x configuration outcome grid."""
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+
+import pandas as pd  # noqa: E402
+
+from keyred.figures import plot_accuracy_vs_length, plot_outcome_grid  # noqa: E402
+
+curves = pd.read_csv(snakemake.input.curves)
+summary = pd.read_csv(snakemake.input.summary)
+*per_group, grid = snakemake.output
+for group, figure in zip(snakemake.params.groups, per_group):
+    plot_accuracy_vs_length(curves, group, figure)
+plot_outcome_grid(summary, grid)
