@@ -360,7 +360,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     """
     import torch
 
-    from keyred.train import NonFiniteLossError, learning_rate, parameter_groups
+    from keyred.train import learning_rate, optimizer_step, parameter_groups
 
     group = build_group(settings.group)
     model = build_state_tracking_model(model_settings, group.order, seed=settings.seed).to(device)
@@ -393,13 +393,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
         with autocast:
             logits = element_logits(model, tokens, group.order)
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{name}: training loss is {loss.item()} at step {step} (lr {lr:.2e}); "
-                                     f"lower train.lr or raise train.warmup_steps")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, settings.grad_clip, name, step, lr)
         window_losses.append(loss.item())
         recent_losses = (recent_losses + [loss.item()])[-FINAL_LOSS_STEPS:]
         window_tokens += tokens.numel()

@@ -69,6 +69,19 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_step(model, optimizer, loss, grad_clip: float, name: str, step: int, lr: float) -> None:
+    """Check the loss is finite (else NonFiniteLossError), then backward, clip and step."""
+    import torch
+
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(f"{name}: training loss is {loss.item()} at step {step} (lr {lr:.2e}); "
+                                 f"lower train.lr or raise train.warmup_steps")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -107,13 +120,7 @@ def train_language_model(name: str, model_choice: ModelChoice, data: MarkovSetti
         tokens = chain.sample(settings.batch_size, settings.seq_len, generator).to(device)
         with autocast:
             loss = model(input_ids=tokens, labels=tokens).loss
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"{name}: training loss is {loss.item()} at step {step} (lr {lr:.2e}); "
-                                     f"lower train.lr or raise train.warmup_steps")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, settings.grad_clip, name, step, lr)
         window_tokens += tokens.numel()
         if step == 0 or (step + 1) % settings.log_every == 0 or step + 1 == settings.steps:
             now = time.perf_counter()
