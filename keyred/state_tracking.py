@@ -210,10 +210,11 @@ def predict(model, group: Group, inputs: np.ndarray, device: str = "cpu") -> np.
     """Predicted prefix products [N, k] (int64) for element sequences [N, k], batch by batch."""
     import torch
 
+    from keyred.train import mixed_precision
+
     model.eval()
     predictions = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
-    with torch.no_grad(), autocast:
+    with torch.no_grad(), mixed_precision(device):
         for start in range(0, len(inputs), EVAL_BATCH_SIZE):
             tokens = with_bos(inputs[start:start + EVAL_BATCH_SIZE], group.order).to(device)
             predictions.append(element_logits(model, tokens, group.order).argmax(-1).cpu().numpy())
@@ -279,15 +280,20 @@ def run_columns(model: StateTrackingModel, training: StateTrackingTraining) -> d
                 train_length=training.train_length, test_length=training.test_length)
 
 
+def with_run_columns(table, run: dict[str, Any]):
+    """`table` (a DataFrame) with the run's identifying columns in front, one value each."""
+    for index, (name, value) in enumerate(run.items()):
+        table.insert(index, name, value)
+    return table
+
+
 def curve_table(evaluation: Evaluation, run: dict[str, Any]):
     """Tidy DataFrame, one row per position t = 1..k: run columns, position, seq_acc_upto, token_acc."""
     import pandas as pd
 
     table = pd.DataFrame(dict(position=np.arange(1, evaluation.length + 1), seq_acc_upto=evaluation.seq_acc_upto,
                               token_acc=evaluation.token_acc, samples=evaluation.samples))
-    for index, (name, value) in enumerate(run.items()):
-        table.insert(index, name, value)
-    return table
+    return with_run_columns(table, run)
 
 
 def summary_row(evaluation: Evaluation, run: dict[str, Any], threshold: float = 0.99, **facts) -> dict[str, Any]:
@@ -360,7 +366,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     """
     import torch
 
-    from keyred.train import learning_rate, optimizer_step, parameter_groups
+    from keyred.train import learning_rate, mixed_precision, optimizer_step, parameter_groups
 
     group = build_group(settings.group)
     model = build_state_tracking_model(model_settings, group.order, seed=settings.seed).to(device)
@@ -369,7 +375,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     batches = _TrainingBatches(group, settings, log)
     val_inputs, val_targets = make_word_problems(group, settings.test_length, settings.val_samples,
                                                  settings.seed + VALIDATION_SEED_OFFSET)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = mixed_precision(device)
     name = f"{settings.group} {model_settings.label}"
     parameters = sum(p.numel() for p in model.parameters())
     log(f"[state_tracking] {name} seed {settings.seed}: {parameters:,} parameters, {settings.steps} steps of "
@@ -445,9 +451,7 @@ def run_state_tracking(model_settings: StateTrackingModel, settings: StateTracki
     log(f"[state_tracking] {settings.group} {model_settings.label} test ({test.samples} sequences of "
         f"k_test={test.length}): seq acc {test.sequence_accuracy:.3f}, token acc {test.token_accuracy:.3f}, "
         f"longest solved {summary['longest_solved']}")
-    history = pd.DataFrame(result.history)
-    for index, (name, value) in enumerate(run.items()):
-        history.insert(index, name, value)
+    history = with_run_columns(pd.DataFrame(result.history), run)
     return result, curve_table(test, run), pd.DataFrame([summary]), history
 
 

@@ -82,6 +82,14 @@ def optimizer_step(model, optimizer, loss, grad_clip: float, name: str, step: in
     optimizer.step()
 
 
+def mixed_precision(device: str):
+    """The autocast context of every keyred stage: bf16 on CUDA (fla's chunk kernels reject
+    float32), none on CPU (float32)."""
+    import torch
+
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+
 def resolve_device(device: str) -> str:
     import torch
 
@@ -107,7 +115,7 @@ def train_language_model(name: str, model_choice: ModelChoice, data: MarkovSetti
     optimizer = torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
                                   betas=(0.9, 0.95), fused=device == "cuda")
     generator = torch.Generator().manual_seed(settings.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+    autocast = mixed_precision(device)
     rows, start, window_tokens, window_start = [], time.perf_counter(), 0, time.perf_counter()
     floor = chain.entropy_rate()
     log(f"[train] {name}: {model_choice.family}/{model_choice.size}, "
