@@ -3,4 +3,4 @@
 # Extra arguments go to snakemake, e.g. `bash scripts/run.sh -n` for a dry run.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec snakemake --cores all "$@"
+exec snakemake "$@"  # --cores etc. come from the workflow profile profiles/default
