@@ -11,7 +11,7 @@ the next batch of a fixed set of `train_samples` distinct sequences, reshuffled 
 epochs = steps * batch_size / train_samples). AdamW (weight decay on matrices only), linear
 warm-up then cosine decay to 0 per step, gradient clipping; bf16 autocast on CUDA, float32 on CPU.
 Every `eval_every` steps the model is scored on a validation set of length k_test; the best
-model by validation sequence accuracy is kept, and training stops early once it reaches
+model by validation sequence accuracy (ties: token accuracy) is kept, and training stops early once it reaches
 `early_stop_accuracy`. The kept model is then scored on a separate test set of length k_test.
 
 Outputs in --out: `checkpoint/` (keyred.models.save_checkpoint, stage 'state_tracking'),
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -44,6 +45,7 @@ VALIDATION_SEED_OFFSET = 1_000_003   # validation set seed = seed + this; distin
 TEST_SEED_OFFSET = 2_000_003         # test set seed = seed + this
 EVAL_BATCH_SIZE = 1024               # sequences per forward pass when scoring
 FINAL_LOSS_STEPS = 10                # the final training loss is the mean over this many last steps
+PROGRESS_SECONDS = 30                # a progress line at least this often between evaluations
 
 
 # ------------------------------------------------------------------------------------ settings
@@ -98,7 +100,8 @@ class StateTrackingTraining:
     0 draws fresh sequences every step; > 0 fixes a set of that many distinct sequences. The
     validation (early stop, best model) and test (final curve) sets hold `val_samples` and
     `test_samples` distinct sequences of length `test_length` (k_test), seeded apart from training.
-    Set early_stop_accuracy above 1 to always run every step.
+    Set early_stop_accuracy above 1 to always run every step. time_limit_minutes > 0 ends training
+    at the first evaluation after that much training time (0: no limit), keeping the best model.
     """
 
     group: str
@@ -115,6 +118,7 @@ class StateTrackingTraining:
     grad_clip: float = 1.0
     eval_every: int = 50
     early_stop_accuracy: float = 0.99
+    time_limit_minutes: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -126,7 +130,7 @@ class StateTrackingTraining:
         for name in ("train_length", "test_length", "val_samples", "test_samples", "batch_size", "steps",
                      "eval_every"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("train_samples", "warmup_steps", "seed", "weight_decay"):
+        for name in ("train_samples", "warmup_steps", "seed", "weight_decay", "time_limit_minutes"):
             _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "grad_clip"):
             _require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -166,6 +170,13 @@ def settings_from_spec(spec: dict) -> tuple[StateTrackingModel, StateTrackingTra
         _require(isinstance(values, dict), name, f"must be an object of settings, got {values!r}")
     return (settings_from_dict(StateTrackingModel, sections["model"], "model"),
             settings_from_dict(StateTrackingTraining, sections["train"], "train"))
+
+
+def sweep_run_spec(tracking: dict, group: str, n_h: int, allow_neg_eigval: bool, layers: int, seed: int) -> dict:
+    """The spec of one run of a sweep: the config's `state_tracking` section (validated, defaults
+    filled) with the run's group, n_h, eigenvalue range, layer count and seed filled in."""
+    model = {**tracking["model"], "num_householder": n_h, "allow_neg_eigval": allow_neg_eigval, "num_layers": layers}
+    return {"model": model, "train": {**tracking["train"], "group": group, "seed": seed}}
 
 
 # --------------------------------------------------------------------------------------- model
@@ -312,7 +323,7 @@ def summary_row(evaluation: Evaluation, run: dict[str, Any], threshold: float = 
 
 @dataclasses.dataclass
 class TrainingResult:
-    """The best model (by validation sequence accuracy, restored), and how training went.
+    """The best model (by validation sequence accuracy, ties by token accuracy; restored), and how training went.
 
     final_train_loss is the mean loss of the last FINAL_LOSS_STEPS steps run (not of the best model).
     """
@@ -385,8 +396,8 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
         log(f"[state_tracking] note: test length {settings.test_length} is shorter than the training length "
             f"{settings.train_length}, so evaluation covers only positions seen in training")
 
-    history, best_state, best_step, best_accuracy = [], None, 0, -1.0
-    start = window_start = time.perf_counter()
+    history, best_state, best_step, best_accuracy, best_score = [], None, 0, -1.0, (-1.0, -1.0)
+    start = window_start = last_progress = time.perf_counter()
     window_losses, recent_losses, window_tokens, stopped_early, step = [], [], 0, False, 0
     for step in range(1, settings.steps + 1):
         model.train()
@@ -403,12 +414,17 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
         window_losses.append(loss.item())
         recent_losses = (recent_losses + [loss.item()])[-FINAL_LOSS_STEPS:]
         window_tokens += tokens.numel()
+        if time.perf_counter() - last_progress >= PROGRESS_SECONDS:
+            last_progress = time.perf_counter()
+            log(f"[state_tracking] {name} step {step}/{settings.steps} loss {loss.item():.4f} "
+                f"{window_tokens / (last_progress - window_start):,.0f} tok/s elapsed {last_progress - start:.0f}s")
 
         if step % settings.eval_every == 0 or step == settings.steps:
             validation = score_predictions(predict(model, group, val_inputs, device), val_targets)
             now = time.perf_counter()
-            if validation.sequence_accuracy > best_accuracy:
-                best_accuracy, best_step = validation.sequence_accuracy, step
+            score = (validation.sequence_accuracy, validation.token_accuracy)   # ties: better token accuracy
+            if score > best_score:
+                best_score, best_accuracy, best_step = score, validation.sequence_accuracy, step
                 best_state = copy.deepcopy(model.state_dict())
             row = dict(step=step, loss=float(np.mean(window_losses)), lr=lr,
                        val_seq_acc=validation.sequence_accuracy, val_token_acc=validation.token_accuracy,
@@ -424,6 +440,10 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
                 if stopped_early:
                     log(f"[state_tracking] {name}: validation sequence accuracy {validation.sequence_accuracy:.3f} "
                         f">= {settings.early_stop_accuracy}, stopping early at step {step}")
+                break
+            if settings.time_limit_minutes and now - start >= 60 * settings.time_limit_minutes:
+                log(f"[state_tracking] {name}: time limit of {settings.time_limit_minutes} minutes reached "
+                    f"at step {step}; keeping the best model (step {best_step})")
                 break
     model.load_state_dict(best_state)
     return TrainingResult(model=model.eval(), history=history, best_step=best_step, best_val_seq_acc=best_accuracy,
@@ -445,7 +465,9 @@ def run_state_tracking(model_settings: StateTrackingModel, settings: StateTracki
     test = evaluate(result.model, group, settings.test_length, settings.test_samples,
                     settings.seed + TEST_SEED_OFFSET, device)
     run = run_columns(model_settings, settings)
+    reached = [row["elapsed_s"] for row in result.history if row["val_seq_acc"] >= settings.early_stop_accuracy]
     summary = summary_row(test, run, steps_run=result.steps_run, stopped_early=result.stopped_early,
+                          seconds_to_early_stop=reached[0] if reached else float("nan"),
                           best_step=result.best_step, best_val_seq_acc=result.best_val_seq_acc,
                           final_train_loss=result.final_train_loss, train_seconds=result.train_seconds)
     log(f"[state_tracking] {settings.group} {model_settings.label} test ({test.samples} sequences of "
@@ -488,7 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
-        result, curve, summary, history = run_state_tracking(model_settings, settings, device)
+        result, curve, summary, history = run_state_tracking(model_settings, settings, device,
+                                                             log=functools.partial(print, flush=True))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -146,6 +146,33 @@ def test_parity_needs_negative_eigenvalues(allow_neg_eigval):
         assert summary.loc[0, "seq_acc"] < 0.05 and summary.loc[0, "seq_acc_at_train_length"] < 0.05
 
 
+def test_time_limit_stops_at_the_next_evaluation_and_keeps_the_best_model():
+    from keyred.state_tracking import run_state_tracking
+
+    training = StateTrackingTraining(group="Z2", train_length=8, test_length=8, batch_size=8, steps=50, eval_every=5,
+                                     val_samples=16, test_samples=16, time_limit_minutes=1e-9)
+    lines = []
+    result, _, summary, history = run_state_tracking(StateTrackingModel(num_householder=1), training,
+                                                     log=lines.append)
+    assert result.steps_run == 5 and history["step"].tolist() == [5]
+    assert any("time limit of 1e-09 minutes reached at step 5" in line for line in lines)
+    reached = history["val_seq_acc"].iloc[0] >= training.early_stop_accuracy
+    assert np.isnan(summary.loc[0, "seconds_to_early_stop"]) != reached
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (fla's Triton kernels)")
+def test_state_tracking_learns_on_the_gpu_with_fla_kernels():
+    """The same parity run as on CPU, through fla's Triton chunk kernels in bf16 autocast."""
+    from keyred.state_tracking import run_state_tracking
+
+    training = StateTrackingTraining(group="Z2", train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2,
+                                     eval_every=25, val_samples=200, test_samples=500, seed=0)
+    result, curve, summary, _ = run_state_tracking(StateTrackingModel(num_householder=1), training, device="cuda")
+    assert next(result.model.parameters()).is_cuda
+    assert summary.loc[0, "seq_acc"] >= 0.99 and summary.loc[0, "longest_solved"] == 32
+
+
 def test_cli_writes_checkpoint_and_tables(tmp_path, capsys):
     from keyred.models import load_checkpoint
 

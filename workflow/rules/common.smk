@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 from keyred.config import ConfigError, validate_config
 from keyred.groups import group_order
 from keyred.provenance import code_digest
+from keyred.state_tracking import sweep_run_spec
 
 try:
     config.update(validate_config(config))
@@ -83,10 +84,9 @@ def tracking_runs(name):
 
 def tracking_spec(wildcards):
     """Exactly the config values one state-tracking run reads (a rule param)."""
-    model = {**TRACKING["model"], "num_householder": int(wildcards.n_h),
-             "allow_neg_eigval": wildcards.eig == "neg", "num_layers": int(wildcards.layers)}
-    train = {**TRACKING["train"], "group": wildcards.group, "seed": int(wildcards.seed)}
-    return json.dumps({"model": model, "train": train}, sort_keys=True)
+    spec = sweep_run_spec(TRACKING, wildcards.group, int(wildcards.n_h), wildcards.eig == "neg",
+                          int(wildcards.layers), int(wildcards.seed))
+    return json.dumps(spec, sort_keys=True)
 
 
 def tracking_figures():
