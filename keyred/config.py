@@ -98,6 +98,17 @@ def load_config(path: str | Path) -> dict:
     return validate_config(raw)
 
 
+def require(condition: bool, key: str, problem: str) -> None:
+    """ConfigError "config key '<key>': <problem>" unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"config key '{key}': {problem}")
+
+
+def is_int(value) -> bool:
+    """A whole number, not a bool (JSON true is not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
     """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys."""
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from keyred.config import ConfigError, settings_from_dict
+from keyred.config import ConfigError, require, settings_from_dict
 from keyred.groups import Group, build_group, parse_group_name
 from keyred.word_problems import make_word_problems, prefix_products
 
@@ -75,10 +75,10 @@ class StateTrackingModel:
     def __post_init__(self):
         _check_types(self, "model")
         for name in ("num_householder", "num_layers", "num_heads", "head_dim", "hidden_size"):
-            _require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(), "model.expand_v",
+            require(getattr(self, name) >= 1, f"model.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(self.expand_v > 0 and float(self.head_dim * self.expand_v).is_integer(), "model.expand_v",
                  f"must be > 0 and make head_dim * expand_v a whole number, got {self.expand_v}")
-        _require(self.intermediate_size is None or self.intermediate_size >= 1, "model.intermediate_size",
+        require(self.intermediate_size is None or self.intermediate_size >= 1, "model.intermediate_size",
                  f"must be >= 1 or null, got {self.intermediate_size}")
 
     @property
@@ -129,21 +129,16 @@ class StateTrackingTraining:
             raise ConfigError(f"config key 'train.group': {error}") from None
         for name in ("train_length", "test_length", "val_samples", "test_samples", "batch_size", "steps",
                      "eval_every"):
-            _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+            require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
         for name in ("train_samples", "warmup_steps", "seed", "weight_decay", "time_limit_minutes"):
-            _require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
+            require(getattr(self, name) >= 0, f"train.{name}", f"must be >= 0, got {getattr(self, name)}")
         for name in ("lr", "grad_clip"):
-            _require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
-        _require(self.warmup_steps < self.steps, "train.warmup_steps",
+            require(getattr(self, name) > 0, f"train.{name}", f"must be > 0, got {getattr(self, name)}")
+        require(self.warmup_steps < self.steps, "train.warmup_steps",
                  f"must be below train.steps ({self.steps}), got {self.warmup_steps}")
 
     # keyred.train.learning_rate reads these names: cosine decay all the way to 0
     min_lr_ratio: typing.ClassVar[float] = 0.0
-
-
-def _require(condition: bool, key: str, problem: str) -> None:
-    if not condition:
-        raise ConfigError(f"config key '{key}': {problem}")
 
 
 def _check_types(settings, section: str) -> None:
@@ -167,7 +162,7 @@ def settings_from_spec(spec: dict) -> tuple[StateTrackingModel, StateTrackingTra
                           f"('model' may be left out for the defaults); found {found}")
     sections = {name: spec.get(name, {}) for name in SPEC_SECTIONS}
     for name, values in sections.items():
-        _require(isinstance(values, dict), name, f"must be an object of settings, got {values!r}")
+        require(isinstance(values, dict), name, f"must be an object of settings, got {values!r}")
     return (settings_from_dict(StateTrackingModel, sections["model"], "model"),
             settings_from_dict(StateTrackingTraining, sections["train"], "train"))
 

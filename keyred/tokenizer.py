@@ -1,0 +1,176 @@
+"""Stage: make the tokenizer of the language models, a byte-level BPE trained on the corpus or a hub one.
+
+    python -m keyred.tokenizer --spec '{"kind": "bpe", "vocab_size": 4096}' --corpus results/corpus \
+        --out results/tokenizer
+
+`bpe` (offline, the default): a byte-level BPE (the `tokenizers` library) trained on the train
+split of a keyred.corpus folder; "<|endoftext|>" (EOS) is its only special token, used as bos,
+eos and document separator; no pad token. Every string round-trips exactly (decode(encode(text))
+== text) and encoding adds no special tokens. The same corpus and settings give an identical
+tokenizer.json; on the default wikipedia_sample corpus training takes about a second.
+`hub`: `AutoTokenizer.from_pretrained(hub_name)`, online only.
+
+Outputs in --out: the tokenizer as saved by `save_pretrained` (loads offline with
+`transformers.AutoTokenizer.from_pretrained(out)` or `load_tokenizer(out)`) and
+`tokenizer_info.json` (settings, vocabulary size, EOS id, sha256 of the training split).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from keyred.config import ConfigError, is_int, require, settings_from_dict
+
+KINDS = ("bpe", "hub")
+EOS_TOKEN = "<|endoftext|>"
+SPECIAL_TOKENS = (EOS_TOKEN,)
+BYTE_ALPHABET = 256                     # a byte-level BPE starts from one token per byte value
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+INFO_FILE = "tokenizer_info.json"
+
+Log = Callable[[str], None] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSettings:
+    """`kind` bpe: train on the corpus (vocab_size counts the EOS token); hub: load `hub_name`."""
+
+    kind: str = "bpe"
+    vocab_size: int = 4096
+    min_frequency: int = 2
+    hub_name: str = "fla-hub/transformer-1.3B-100B"
+
+    def __post_init__(self):
+        _require(self.kind in KINDS, "kind", f"{self.kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
+        smallest = BYTE_ALPHABET + len(SPECIAL_TOKENS)
+        _require(is_int(self.vocab_size) and self.vocab_size >= smallest, "vocab_size",
+                 f"must be an integer >= {smallest} (256 byte tokens + {EOS_TOKEN}), got {self.vocab_size!r}")
+        _require(is_int(self.min_frequency) and self.min_frequency >= 1, "min_frequency",
+                 f"must be an integer >= 1, got {self.min_frequency!r}")
+        _require(isinstance(self.hub_name, str) and self.hub_name, "hub_name",
+                 f"must be a non-empty string, got {self.hub_name!r}")
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    require(condition, f"tokenizer.{key}", problem)
+
+
+def tokenizer_settings(values: dict) -> TokenizerSettings:
+    """TokenizerSettings from a mapping (the `tokenizer` config section or --spec), rejecting unknown keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key 'tokenizer': must be an object of settings, got {values!r}")
+    return settings_from_dict(TokenizerSettings, values, "tokenizer")
+
+
+def train_bpe(documents: list[str], settings: TokenizerSettings):
+    """A byte-level BPE PreTrainedTokenizerFast trained on `documents`, EOS_TOKEN as bos and eos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=settings.vocab_size, min_frequency=settings.min_frequency,
+                                  special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(documents, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN)
+
+
+def load_hub_tokenizer(name: str):
+    """AutoTokenizer.from_pretrained(name); ConfigError when the hub cannot be reached or has no such name."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except OSError as error:                       # offline, unreachable, or no such repository
+        raise ConfigError(f"config key 'tokenizer.hub_name': cannot load the tokenizer {name} from the Hub "
+                          f"({error}). Offline runs should use kind bpe") from None
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in `path` by this stage (offline); ConfigError for a missing or corrupt folder."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
+    if missing:
+        raise ConfigError(f"{path} is not a tokenizer folder (missing {', '.join(missing)}); make one with "
+                          f"python -m keyred.tokenizer")
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as error:                     # tokenizers and transformers raise many kinds on bad files
+        raise ConfigError(f"{path}: cannot load the tokenizer ({type(error).__name__}: {error}); the folder is "
+                          f"corrupt, make it again with python -m keyred.tokenizer") from None
+
+
+def separator_id(tokenizer) -> int:
+    """The EOS id that separates documents; ConfigError when the tokenizer has no EOS token."""
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"the tokenizer {tokenizer.name_or_path} has no eos token; keyred separates documents "
+                          f"with it (kind bpe always has {EOS_TOKEN})")
+    return tokenizer.eos_token_id
+
+
+def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out: str | Path, log: Log = None) -> dict:
+    """Train (bpe, on `corpus`/train.jsonl) or fetch (hub) the tokenizer and save it to `out` atomically.
+
+    Returns the contents of tokenizer_info.json.
+    """
+    from keyred.corpus import read_documents
+    from keyred.io import atomic_dir, write_json
+
+    log = log or (lambda message: None)
+    start = time.perf_counter()
+    info = {"settings": dataclasses.asdict(settings)}
+    if settings.kind == "bpe":
+        if corpus is None:
+            raise ConfigError("kind bpe trains on a corpus: give the corpus folder (--corpus)")
+        train_file = Path(corpus) / "train.jsonl"
+        documents = read_documents(train_file)
+        log(f"[tokenizer] training a byte-level BPE of {settings.vocab_size} tokens on {len(documents)} documents "
+            f"({sum(map(len, documents)) / 1e6:.1f} M characters)")
+        tokenizer = train_bpe(documents, settings)
+        info["train_sha256"] = hashlib.sha256(train_file.read_bytes()).hexdigest()
+    else:
+        log(f"[tokenizer] loading {settings.hub_name} from the Hub")
+        tokenizer = load_hub_tokenizer(settings.hub_name)
+    info.update(vocab_size=len(tokenizer), eos_token_id=separator_id(tokenizer))
+    if settings.kind == "bpe" and len(tokenizer) < settings.vocab_size:
+        log(f"[tokenizer] the corpus gave only {len(tokenizer)} tokens, fewer than vocab_size {settings.vocab_size}")
+    with atomic_dir(out) as tmp:
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / INFO_FILE, info)
+    log(f"[tokenizer] {len(tokenizer)} tokens, eos id {info['eos_token_id']}, in {time.perf_counter() - start:.1f}s")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m keyred.tokenizer", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default="{}", help="JSON object of TokenizerSettings fields (default: all defaults)")
+    parser.add_argument("--corpus", default=None, help="keyred.corpus folder (kind bpe trains on its train.jsonl)")
+    parser.add_argument("--out", required=True, help="folder for the saved tokenizer")
+    args = parser.parse_args(argv)
+
+    try:
+        spec = json.loads(args.spec)
+    except json.JSONDecodeError as error:
+        parser.error(f"--spec is not valid JSON: {error}")
+    try:
+        build_tokenizer(tokenizer_settings(spec), args.corpus, args.out, lambda message: print(message, flush=True))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"[tokenizer] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

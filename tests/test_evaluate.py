@@ -1,0 +1,202 @@
+"""Evaluation through lm-eval: local tasks, an independent perplexity check, length extrapolation, the CLI."""
+import json
+import math
+import random
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keyred.config import ConfigError, settings_from_dict
+from keyred.evaluate import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate_model, last_word_samples,
+                             length_extrapolation, main, recall_samples, with_model_columns)
+from keyred.models import build_model, new_info, save_checkpoint
+
+WORDS = ("the a of and to in is was that it for on with as his her they at by this had from not but river "
+         "house garden morning winter light stone road city people water children window letter walked said "
+         "found opened carried watched remembered followed crossed wrote slowly quietly old small bright cold "
+         "long green quiet early").split()
+SETTINGS = dict(max_documents=6, last_word_samples=30, recall_samples=30, recall_pairs=4, max_length=64,
+                extrapolation_factor=2, extrapolation_sequences=3)
+METRICS = {("heldout_perplexity", "word_perplexity"), ("heldout_perplexity", "byte_perplexity"),
+           ("heldout_perplexity", "bits_per_byte"), ("heldout_last_word", "acc"),
+           ("heldout_last_word", "perplexity"), ("assoc_recall", "acc"), ("assoc_recall", "perplexity")}
+
+
+def fabricated_documents(count: int, seed: int) -> list[str]:
+    """English-like paragraphs of 4 to 12 sentences from a small word list."""
+    rng = random.Random(seed)
+    documents = []
+    for _ in range(count):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 14))).capitalize() + rng.choice(".!?")
+                     for _ in range(rng.randint(4, 12))]
+        documents.append(" ".join(sentences))
+    return documents
+
+
+@pytest.fixture(scope="module")
+def documents():
+    return fabricated_documents(30, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(documents):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(documents, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    torch.set_num_threads(1)
+    return build_model("delta_net", "tiny", vocab_size=len(tokenizer), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def table(model, tokenizer, documents):
+    return evaluate_model(model, tokenizer, documents, EvaluateSettings(**SETTINGS))
+
+
+def token_stream(tokenizer, documents) -> np.ndarray:
+    """The documents' tokens, each followed by EOS, as one 1-D array (what packing produces)."""
+    return np.array([t for text in documents for t in tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]])
+
+
+# ------------------------------------------------------------------------------------ settings and task data
+
+def test_unknown_tasks_and_keys_list_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"'evaluate.tasks': unknown task\(s\) 'mmlu'; allowed: heldout_perplexity, "
+                                          r"heldout_last_word, assoc_recall"):
+        settings_from_dict(EvaluateSettings, {"tasks": ["heldout_perplexity", "mmlu"]}, "evaluate")
+    with pytest.raises(ConfigError, match=r"'evaluate.hub_tasks': unknown task\(s\) 'boolq'; allowed: wikitext, "):
+        EvaluateSettings(hub_tasks=["boolq"])
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) 'shots'"):
+        settings_from_dict(EvaluateSettings, {"shots": 5}, "evaluate")
+    with pytest.raises(ConfigError, match=r"'evaluate.batch_size': must be a whole number >= 1, got 0"):
+        EvaluateSettings(batch_size=0)
+    assert settings_from_dict(EvaluateSettings, {"tasks": ["assoc_recall"]}, "evaluate").tasks == ("assoc_recall",)
+
+
+def test_last_word_passages_end_on_a_word_of_the_document(documents):
+    samples = last_word_samples(documents, 50, seed=1)
+    assert len(samples) == 50 and samples == last_word_samples(documents, 50, seed=1)
+    for sample in samples:
+        assert sample["target"][0] == " " and sample["target"][1:].isalpha()
+        assert len(sample["context"].split()) <= LAST_WORD_CONTEXT_WORDS
+        assert any(" ".join(d.split()).find(sample["context"] + sample["target"]) >= 0 for d in documents)
+
+
+def test_recall_targets_are_the_values_of_the_queried_keys():
+    samples = recall_samples(20, pairs=5, seed=2)
+    assert samples == recall_samples(20, pairs=5, seed=2) and samples != recall_samples(20, pairs=5, seed=3)
+    for sample in samples:
+        pairs, *queries = sample["context"].split(" ; ")
+        words = pairs.split()
+        memory = dict(zip(words[::2], words[1::2]))
+        assert len(memory) == 5
+        for answered in queries[:-1]:
+            key, value = answered.split(" -> ")
+            assert memory[key] == value
+        assert queries[-1].endswith(" ->") and sample["target"] == " " + memory[queries[-1][:-3]]
+
+
+# ------------------------------------------------------------------------------------ lm-eval
+
+def test_every_configured_metric_is_finite(table):
+    assert list(table.columns) == ["task", "metric", "value", "n"]
+    assert set(zip(table.task, table.metric)) == METRICS and len(table) == len(METRICS)
+    assert np.isfinite(table.value).all()
+    assert dict(zip(table.task, table.n)) == {"heldout_perplexity": 6, "heldout_last_word": 30, "assoc_recall": 30}
+    final = with_model_columns(table, "tiny", "drrqr", 0.5)
+    assert list(final.columns) == ["model", "method", "ratio", "task", "metric", "value", "n"]
+    assert (final.ratio == 0.5).all() and list(table.columns) == ["task", "metric", "value", "n"]
+
+
+def test_rolling_perplexity_is_the_direct_windowed_loss(table, model, tokenizer, documents):
+    """Every token is predicted from as many previous tokens as fit in a max_length window
+    (EOS before the first), windows tiling the document: our own sum of NLL gives lm-eval's numbers."""
+    window, nll, words, size = SETTINGS["max_length"], 0.0, 0, 0
+    texts = documents[:SETTINGS["max_documents"]]
+    assert max(len(tokenizer(text)["input_ids"]) for text in texts) > 2 * window  # several windows per document
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text)["input_ids"]
+            sequence = [tokenizer.eos_token_id] + ids
+            for start in range(0, len(ids), window):
+                end = min(start + window, len(ids))
+                logits = model(torch.tensor([sequence[max(0, end - window):end]])).logits[0, -(end - start):]
+                nll += F.cross_entropy(logits, torch.tensor(ids[start:end]), reduction="sum").item()
+            words += len(text.split())
+            size += len(text.encode())
+    value = dict(zip(table.metric, table.value))
+    assert value["bits_per_byte"] == pytest.approx(nll / size / math.log(2), rel=1e-5)
+    assert value["byte_perplexity"] == pytest.approx(math.exp(nll / size), rel=1e-5)
+    assert value["word_perplexity"] == pytest.approx(math.exp(nll / words), rel=1e-4)
+
+
+def test_vocabulary_mismatch_fails_before_evaluating(tokenizer, documents):
+    small = build_model("delta_net", "tiny", vocab_size=len(tokenizer) - 10, seed=0)
+    with pytest.raises(ConfigError, match=rf"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                                          rf"{len(tokenizer) - 10}"):
+        evaluate_model(small, tokenizer, documents, EvaluateSettings())
+
+
+def test_hub_tasks_offline_name_the_task(monkeypatch, model, tokenizer, documents):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"hub task\(s\) piqa, wikitext need network access .* HF_DATASETS_OFFLINE"):
+        evaluate_model(model, tokenizer, documents, EvaluateSettings(hub_tasks=["piqa", "wikitext"]))
+
+
+# ------------------------------------------------------------------------------------ length extrapolation
+
+def test_length_extrapolation_is_the_mean_windowed_loss(tmp_path, model, tokenizer, documents):
+    context, factor, length = 16, 3, 48
+    tokens = token_stream(tokenizer, documents)
+    slots = len(tokens) // (length + 1)
+    np.save(tmp_path / "test.npy", tokens)
+    curve = length_extrapolation(model, np.load(tmp_path / "test.npy", mmap_mode="r"), context, factor, slots, "cpu")
+    assert list(curve.position) == list(range(1, length + 1)) and (curve.sequences == slots).all()
+    assert np.isfinite(curve.loss).all()
+    windows = torch.as_tensor(tokens[:slots * (length + 1)]).view(slots, length + 1)  # every slot is used
+    with torch.no_grad():
+        logits = model(windows[:, :-1]).logits
+    expected = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(0)
+    np.testing.assert_allclose(curve.loss, expected.numpy(), rtol=1e-5)
+
+
+def test_length_extrapolation_needs_a_long_enough_stream(model):
+    with pytest.raises(ConfigError, match=r"needs 8 windows of 4 x 64 \+ 1 = 257 tokens \(2056 in all\), but the "
+                                          r"held-out token stream has 1000"):
+        length_extrapolation(model, np.zeros(1000, dtype=np.int64), 64, 4, 8, "cpu")
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+def test_cli_writes_both_tables(tmp_path, model, tokenizer, documents, capsys):
+    save_checkpoint(model, tmp_path / "checkpoint", new_info("delta_net", "tiny", stage="test", seed=0))
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in documents))
+    np.save(tmp_path / "test.npy", token_stream(tokenizer, documents))
+    args = ["--checkpoint", str(tmp_path / "checkpoint"), "--tokenizer", str(tmp_path / "tokenizer"),
+            "--heldout", str(tmp_path / "test.jsonl"), "--heldout-tokens", str(tmp_path / "test.npy"),
+            "--context", "32", "--name", "tiny", "--method", "l1", "--ratio", "0.25",
+            "--out", str(tmp_path / "eval.csv"), "--extrapolation", str(tmp_path / "extrapolation.csv"),
+            "--device", "cpu"]
+    assert main(args + ["--spec", json.dumps({**SETTINGS, "max_length": 128})]) == 0
+    results, curve = pd.read_csv(tmp_path / "eval.csv"), pd.read_csv(tmp_path / "extrapolation.csv")
+    assert list(results.columns) == ["model", "method", "ratio", "task", "metric", "value", "n"]
+    assert set(zip(results.task, results.metric)) == METRICS and np.isfinite(results.value).all()
+    assert list(curve.columns) == ["model", "method", "ratio", "position", "loss", "sequences"]
+    assert len(curve) == 2 * 32 and (curve.method == "l1").all()
+    assert "[evaluate] assoc_recall: 30 samples" in capsys.readouterr().out
+
+    assert main(args + ["--spec", json.dumps({"tasks": ["lambada"]})]) == 2
+    assert "error: config key 'evaluate.tasks': unknown task(s) 'lambada'" in capsys.readouterr().err
