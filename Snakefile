@@ -7,7 +7,9 @@ configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/state_tracking.smk"
 
@@ -16,6 +18,14 @@ rule all:
     default_target: True
     input:
         all_targets(),
+
+
+rule data:
+    """Corpus splits, tokenizer and packed token streams."""
+    input:
+        data_path("corpus"),
+        data_path("tokenizer"),
+        data_path("packed"),
 
 
 rule models:
@@ -29,6 +39,12 @@ rule training_loss:
     input:
         path("tables", "training_loss.csv"),
         path("figures", "training_loss.png"),
+
+
+rule evaluation:
+    """Every language model's lm-eval results (one tidy table) and its length extrapolation."""
+    input:
+        evaluation_targets(),
 
 
 rule state_tracking:

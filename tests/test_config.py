@@ -82,9 +82,9 @@ def test_model_name_and_required_keys():
 def test_every_error_is_reported_at_once():
     config = copy.deepcopy(default_config())
     config["train"]["steps"] = 0
-    config["data"]["vocab_size"] = 1
+    config["tokenizer"]["vocab_size"] = 1
     message = str(pytest.raises(ConfigError, validate_config, config).value)
-    assert "train.steps" in message and "data.vocab_size" in message
+    assert "train.steps" in message and "tokenizer.vocab_size" in message
 
 
 def test_settings_reject_unknown_and_missing_keys():

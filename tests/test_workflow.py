@@ -61,14 +61,16 @@ def workdir(tmp_path_factory):
 
 def test_dry_run_lists_exactly_the_expected_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2")
-    assert planned_jobs(result.stdout) == {"train_lm": 2, "training_loss_table": 1, "state_tracking_run": 8,
-                                           "state_tracking_tables": 1, "state_tracking_figures": 1, "all": 1,
-                                           "total": 14}
+    assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": 2,
+                                           "training_loss_table": 1, "evaluate_lm": 2, "evaluation_tables": 1,
+                                           "state_tracking_run": 8, "state_tracking_tables": 1,
+                                           "state_tracking_figures": 1, "all": 1, "total": 20}
 
 
 def test_named_target_plans_only_its_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2", "models")
-    assert planned_jobs(result.stdout) == {"train_lm": 2, "models": 1, "total": 3}
+    assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": 2, "models": 1,
+                                           "total": 6}
 
 
 def test_paper_state_tracking_config_plans_the_full_sweep(workdir):
@@ -78,6 +80,13 @@ def test_paper_state_tracking_config_plans_the_full_sweep(workdir):
     # 4 groups x n_h 1..4 x 2 eigenvalue ranges x 3 seeds
     assert planned_jobs(result.stdout) == {"state_tracking_run": 96, "state_tracking_tables": 1,
                                            "state_tracking_figures": 1, "state_tracking": 1, "total": 99}
+
+
+def test_pretrained_model_needs_the_hub_tokenizer(workdir):
+    name = write_yaml(workdir / "pretrained.yaml", {"models": {"hub": {"family": "delta_net", "size": "1.3B",
+                                                                       "pretrained": "fla-hub/delta_net-1.3B-100B"}}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0 and "set tokenizer.kind to hub" in result.stdout + result.stderr
 
 
 def test_unknown_group_fails_before_any_job(workdir):
@@ -113,8 +122,18 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
         assert (results / "logs" / "train_lm" / f"{model}.log").stat().st_size > 0
     table = pd.read_csv(results / "tables" / "training_loss.csv")
     for model, rows in table.groupby("model"):
-        assert rows["loss"].iloc[-1] < rows["loss"].iloc[0] - 1.0, model
-    assert (results / "figures" / "training_loss.png").read_bytes()[:4] == b"\x89PNG"
+        final = rows.iloc[-1]
+        assert final["loss"] < rows["loss"].iloc[0] - 1.0, model
+        assert final["val_loss"] < final["unigram_val_loss"] - 0.5, (model, final)   # perplexity far below unigram
+    evaluation = pd.read_csv(results / "tables" / "evaluation.csv")
+    assert set(evaluation["model"]) == {"deltanet_tiny", "gated_deltanet_tiny"}
+    assert {("heldout_perplexity", "bits_per_byte"), ("heldout_last_word", "acc"), ("assoc_recall", "acc")} <= \
+        set(zip(evaluation["task"], evaluation["metric"]))
+    assert evaluation["value"].notna().all()
+    extrapolation = pd.read_csv(results / "tables" / "length_extrapolation.csv")
+    assert extrapolation.groupby("model")["position"].max().tolist() == [4 * 128, 4 * 128]
+    for figure in ("training_loss.png", "length_extrapolation.png"):
+        assert (results / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
     # state tracking on S3 shows the known pattern in every seed
     summary = pd.read_csv(results / "tables" / "state_tracking_summary.csv")
     assert len(summary) == 8 and set(summary["seed"]) == {0, 1}
@@ -133,11 +152,13 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
     name = write_yaml(workdir / "changed.yaml",
                       {"models": {"gated_deltanet_tiny": {"family": "gated_deltanet", "size": "small"}}})
     result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name)
-    assert planned_jobs(result.stdout) == {"train_lm": 1, "training_loss_table": 1, "all": 1, "total": 3}
+    assert planned_jobs(result.stdout) == {"train_lm": 1, "training_loss_table": 1, "evaluate_lm": 1,
+                                           "evaluation_tables": 1, "all": 1, "total": 5}
     assert "model=gated_deltanet_tiny" in result.stdout and "model=deltanet_tiny" not in result.stdout
     # a code change of one stage re-runs only that stage
     figures = workdir / "keyred" / "figures.py"
     figures.write_text(figures.read_text() + "\n# a change\n")
     result = snakemake(workdir, "-n", "--cores", "2")
-    assert planned_jobs(result.stdout) == {"training_loss_table": 1, "state_tracking_tables": 1,
-                                           "state_tracking_figures": 1, "all": 1, "total": 4}
+    assert planned_jobs(result.stdout) == {"training_loss_table": 1, "evaluation_tables": 1,
+                                           "state_tracking_tables": 1, "state_tracking_figures": 1, "all": 1,
+                                           "total": 5}

@@ -18,6 +18,10 @@ except ConfigError as error:
     raise WorkflowError(str(error)) from None
 except ValueError as error:
     raise WorkflowError(f"config key 'state_tracking.groups': {error}") from None
+for _name, _model in config["models"].items():
+    if _model["pretrained"] and config["tokenizer"]["kind"] != "hub":
+        raise WorkflowError(f"config key 'models.{_name}.pretrained': a pretrained hub model needs its own "
+                            f"tokenizer: set tokenizer.kind to hub (and tokenizer.hub_name to its tokenizer)")
 
 PYTHON = sys.executable  # the interpreter running Snakemake (the project's venv), for every job
 RESULTS = config["results_dir"]
@@ -44,6 +48,17 @@ def path(*parts):
     return "/".join([RESULTS, *parts])
 
 
+def data_path(*parts):
+    """Corpus, tokenizer and packed tokens, shared by every language model."""
+    return path("data", *parts)
+
+
+def max_train_tokens_option():
+    """The packing CLI option that cuts the train stream at corpus.token_budget tokens (none when null)."""
+    budget = config["corpus"]["token_budget"]
+    return f"--max-train-tokens {budget}" if budget else ""
+
+
 def model_path(model, *parts):
     return path("models", model, *parts)
 
@@ -59,7 +74,7 @@ def log_path(*parts):
 def train_spec(model):
     """Exactly the config values the training of `model` reads (a rule param: changing one reruns it)."""
     return json.dumps(
-        {"model": config["models"][model], "data": config["data"], "train": config["train"]},
+        {"model": config["models"][model], "train": config["train"]},
         sort_keys=True,
     )
 
@@ -89,6 +104,11 @@ def tracking_spec(wildcards):
     return json.dumps(spec, sort_keys=True)
 
 
+def evaluation_targets():
+    return [path("tables", "evaluation.csv"), path("tables", "length_extrapolation.csv"),
+            path("figures", "length_extrapolation.png")]
+
+
 def tracking_figures():
     return [path("figures", f"state_tracking_{group}.png") for group in TRACKING_GROUPS] + [
         path("figures", "state_tracking_outcomes.png")
@@ -99,6 +119,7 @@ def all_targets():
     return (
         checkpoints()
         + [path("tables", "training_loss.csv"), path("figures", "training_loss.png")]
+        + evaluation_targets()
         + [path("tables", "state_tracking_summary.csv"), path("tables", "state_tracking_curves.csv")]
         + tracking_figures()
     )

@@ -1,13 +1,18 @@
-# Language-model training: one job per model of config["models"].
+# Language-model training: one job per model of config["models"]. A job that is stopped or fails
+# leaves its resume state in models/<name>/resume; running it again continues from there.
 
 
 rule train_lm:
+    input:
+        packed=data_path("packed"),
+        tokenizer=data_path("tokenizer"),
     output:
         checkpoint=directory(model_path("{model}", "checkpoint")),
         losses=model_path("{model}", "train_loss.csv"),
     params:
         spec=lambda wildcards: train_spec(wildcards.model),
         device=config["device"],
+        resume=lambda wildcards: model_path(wildcards.model, "resume"),
         code=code_digest("keyred.train"),
     threads: config["threads"]
     resources:
@@ -20,4 +25,5 @@ rule train_lm:
         path("benchmarks", "train_lm", "{model}.tsv")
     shell:
         "{PYTHON} -m keyred.train --name {wildcards.model} --spec {params.spec:q} --device {params.device}"
-        " --threads {threads} --out {output.checkpoint} --losses {output.losses} > {log} 2>&1"
+        " --threads {threads} --packed {input.packed} --tokenizer {input.tokenizer}"
+        " --out {output.checkpoint} --losses {output.losses} --resume-dir {params.resume} > {log} 2>&1"

@@ -1,0 +1,43 @@
+# Language-model data: corpus -> tokenizer -> packed token streams (one job each, shared by every model).
+
+
+rule corpus:
+    output:
+        directory(data_path("corpus")),
+    params:
+        spec=json.dumps(config["corpus"], sort_keys=True),
+        code=code_digest("keyred.corpus"),
+    log:
+        log_path("data", "corpus.log"),
+    shell:
+        "{PYTHON} -m keyred.corpus --spec {params.spec:q} --out {output} > {log} 2>&1"
+
+
+rule tokenizer:
+    input:
+        data_path("corpus"),
+    output:
+        directory(data_path("tokenizer")),
+    params:
+        spec=json.dumps(config["tokenizer"], sort_keys=True),
+        code=code_digest("keyred.tokenizer"),
+    log:
+        log_path("data", "tokenizer.log"),
+    shell:
+        "{PYTHON} -m keyred.tokenizer --spec {params.spec:q} --corpus {input} --out {output} > {log} 2>&1"
+
+
+rule packing:
+    input:
+        corpus=data_path("corpus"),
+        tokenizer=data_path("tokenizer"),
+    output:
+        directory(data_path("packed")),
+    params:
+        max_train_tokens=max_train_tokens_option(),
+        code=code_digest("keyred.packing"),
+    log:
+        log_path("data", "packing.log"),
+    shell:
+        "{PYTHON} -m keyred.packing --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output}"
+        " {params.max_train_tokens} > {log} 2>&1"

@@ -1,0 +1,49 @@
+# Language-model evaluation (lm-eval tasks and length extrapolation on the test split): one job
+# per model, then one table of every result and the length-extrapolation table and figure.
+
+
+rule evaluate_lm:
+    input:
+        checkpoint=model_path("{model}", "checkpoint"),
+        corpus=data_path("corpus"),
+        packed=data_path("packed"),
+        tokenizer=data_path("tokenizer"),
+    output:
+        results=model_path("{model}", "evaluation.csv"),
+        extrapolation=model_path("{model}", "length_extrapolation.csv"),
+    params:
+        spec=json.dumps(config["evaluate"], sort_keys=True),
+        context=config["train"]["seq_len"],
+        device=config["device"],
+        code=code_digest("keyred.evaluate"),
+    threads: config["threads"]
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
+        mem_mb=4000,
+        runtime=60,
+    log:
+        log_path("evaluate_lm", "{model}.log"),
+    benchmark:
+        path("benchmarks", "evaluate_lm", "{model}.tsv")
+    shell:
+        "{PYTHON} -m keyred.evaluate --checkpoint {input.checkpoint} --tokenizer {input.tokenizer}"
+        " --heldout {input.corpus}/test.jsonl --heldout-tokens {input.packed}/test.npy --context {params.context}"
+        " --spec {params.spec:q} --name {wildcards.model} --method none --ratio 0 --device {params.device}"
+        " --threads {threads} --out {output.results} --extrapolation {output.extrapolation} > {log} 2>&1"
+
+
+rule evaluation_tables:
+    input:
+        results=expand(model_path("{model}", "evaluation.csv"), model=MODELS),
+        extrapolation=expand(model_path("{model}", "length_extrapolation.csv"), model=MODELS),
+    output:
+        results=path("tables", "evaluation.csv"),
+        extrapolation=path("tables", "length_extrapolation.csv"),
+        figure=path("figures", "length_extrapolation.png"),
+    params:
+        context=config["train"]["seq_len"],
+        code=code_digest("keyred.figures"),
+    log:
+        log_path("evaluation_tables.log"),
+    script:
+        "../scripts/evaluation_tables.py"

@@ -1,0 +1,12 @@
+"""Combine the per-model evaluation and length-extrapolation tables; draw loss vs position."""
+import sys
+
+sys.stderr = open(snakemake.log[0], "w")
+
+from keyred import io  # noqa: E402
+from keyred.figures import combine_tables, plot_length_extrapolation  # noqa: E402
+
+io.write_csv(snakemake.output.results, combine_tables(snakemake.input.results))
+extrapolation = combine_tables(snakemake.input.extrapolation)
+io.write_csv(snakemake.output.extrapolation, extrapolation)
+plot_length_extrapolation(extrapolation, snakemake.params.context, snakemake.output.figure)
