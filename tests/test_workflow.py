@@ -76,10 +76,20 @@ def test_named_target_plans_only_its_jobs(workdir):
 def test_paper_state_tracking_config_plans_the_full_sweep(workdir):
     shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
     result = snakemake(workdir, "-n", "--cores", "2", "state_tracking",
-                       "--configfile", "configs/state_tracking_paper.yaml")
+                       "--configfile", "configs/state_tracking_paper.yaml", "--replace-workflow-config")
     # 4 groups x n_h 1..4 x 2 eigenvalue ranges x 3 seeds
     assert planned_jobs(result.stdout) == {"state_tracking_run": 96, "state_tracking_tables": 1,
                                            "state_tracking_figures": 1, "state_tracking": 1, "total": 99}
+
+
+@pytest.mark.parametrize("config, models", [("lm_paper_340M.yaml", 2), ("lm_hub_1.3B.yaml", 1)])
+def test_paper_language_model_configs_plan_their_jobs(workdir, config, models):
+    shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
+    result = snakemake(workdir, "-n", "--cores", "2", "models", "evaluation", "--configfile", f"configs/{config}",
+                       "--replace-workflow-config")
+    assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": models,
+                                           "evaluate_lm": models, "evaluation_tables": 1, "models": 1,
+                                           "evaluation": 1, "total": 6 + 2 * models}
 
 
 def test_pretrained_model_needs_the_hub_tokenizer(workdir):
