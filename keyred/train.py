@@ -17,8 +17,10 @@ Resume: every `checkpoint_every` steps the model, optimizer and loss rows go to 
 a function of (seed, step) only, so on CPU the resumed run ends with exactly the loss of an
 uninterrupted one. The resume folder is deleted once the final checkpoint is written.
 
-Data parallel: under `torchrun --nproc_per_node N -m keyred.train ...` every process takes its
-share of each step's windows (NCCL on CUDA, gloo on CPU); rank 0 logs and writes.
+Data parallel: with several GPUs visible the CLI starts itself again under torchrun, one process
+per GPU (CUDA_VISIBLE_DEVICES picks fewer); under `torchrun --nproc_per_node N -m keyred.train ...`
+every process takes its share of each step's windows (NCCL on CUDA, gloo on CPU); rank 0 logs
+and writes.
 
 A NaN or infinite loss stops the run with a message naming the step; the last resume state
 (the last good checkpoint) is kept. A model with `pretrained: <hub name>` is not trained: the
@@ -34,6 +36,7 @@ import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -224,6 +227,12 @@ def start_distributed(device: str) -> Distributed:
     return Distributed(rank=dist.get_rank(), world_size=world_size)
 
 
+def torchrun_command(argv: list[str], processes: int) -> list[str]:
+    """The command that runs `python -m keyred.train <argv>` as `processes` torchrun workers on this machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+            "-m", "keyred.train", *argv]
+
+
 def mean_over_processes(value, where: Distributed):
     """The mean of a scalar tensor over all processes (itself when alone)."""
     import torch.distributed as dist
@@ -412,6 +421,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         device = resolve_device(args.device)
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        if gpus > 1 and "WORLD_SIZE" not in os.environ and not model_choice.pretrained:
+            log(f"[train] {gpus} GPUs visible: data parallel over all of them with torchrun "
+                f"(CUDA_VISIBLE_DEVICES picks fewer)")
+            argv = sys.argv[1:] if argv is None else argv
+            return subprocess.run(torchrun_command(argv, gpus)).returncode
         where = start_distributed(device)
         if model_choice.pretrained:
             model, rows = score_pretrained(args.name, model_choice, args.packed, settings, device, log)

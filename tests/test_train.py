@@ -14,9 +14,9 @@ import torch
 
 from conftest import REPO
 from keyred.config import ConfigError, settings_from_dict, validate_config
-from keyred.models import FAMILIES, build_model, load_checkpoint
-from keyred.train import (BatchOrder, ModelChoice, NonFiniteLossError, TrainSettings, train_language_model,
-                          unigram_loss)
+from keyred.models import FAMILIES, load_checkpoint
+from keyred.train import (BatchOrder, ModelChoice, NonFiniteLossError, TrainSettings, torchrun_command,
+                          train_language_model, unigram_loss)
 
 QUIET = dict(log=lambda *_: None)
 
@@ -135,10 +135,9 @@ def test_resume_state_of_other_settings_is_refused(packed_wikipedia, tmp_path):
 def test_data_parallel_on_two_cpu_processes_matches_one_process_with_accumulation(packed_wikipedia, tmp_path):
     """torchrun with 2 gloo processes x batch 4 = one process x 2 micro-batches of 4, step for step."""
     train = dict(steps=6, batch_size=4, seq_len=32, log_every=1, eval_every=6, checkpoint_every=0)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "keyred.train", "--name", "m", "--spec", spec(**train), "--device", "cpu", "--threads", "1",
-               "--packed", str(packed_wikipedia / "packed"), "--out", str(tmp_path / "checkpoint"),
-               "--losses", str(tmp_path / "losses.csv")]
+    command = torchrun_command(["--name", "m", "--spec", spec(**train), "--device", "cpu", "--threads", "1",
+                                "--packed", str(packed_wikipedia / "packed"), "--out", str(tmp_path / "checkpoint"),
+                                "--losses", str(tmp_path / "losses.csv")], processes=2)
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO,
                             env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
