@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyred.cli import bad_input, progress, read_spec
 from keyred.config import ConfigError, is_int, require, settings_from_dict
 
 SOURCES = ("wikipedia_sample", "hub", "files")
@@ -363,18 +364,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for train/validation/test.jsonl and corpus.json")
     args = parser.parse_args(argv)
 
-    try:
-        spec = json.loads(args.spec)
-    except json.JSONDecodeError as error:
-        parser.error(f"--spec is not valid JSON: {error}")
+    spec = read_spec(parser, args.spec)
     start = time.perf_counter()
     try:
         settings = corpus_settings(spec)
-        print(f"[corpus] source {settings.source}, seed {settings.seed}", flush=True)
-        summary = build_corpus(settings, args.out, lambda message: print(message, flush=True))
+        progress(f"[corpus] source {settings.source}, seed {settings.seed}")
+        summary = build_corpus(settings, args.out, progress)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     for split, facts in summary["splits"].items():
         print(f"[corpus] {split}: {facts['documents']} documents, {facts['characters']} characters")
     print(f"[corpus] wrote {args.out} in {time.perf_counter() - start:.1f}s")

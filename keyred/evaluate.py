@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyred.cli import bad_input, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict
 from keyred.corpus import read_documents
 
@@ -311,24 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        settings = settings_from_dict(EvaluateSettings, json.loads(args.spec), "evaluate")
-    except json.JSONDecodeError as error:
-        parser.error(f"--spec is not valid JSON: {error}")
+        settings = settings_from_dict(EvaluateSettings, read_spec(parser, args.spec), "evaluate")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
 
-    import torch
     from transformers import AutoTokenizer
 
     from keyred import io
     from keyred.models import CheckpointError, load_checkpoint
-    from keyred.train import resolve_device
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = resolve_device(args.device)
+        device = torch_device(args.device, args.threads)
         model, _ = load_checkpoint(args.checkpoint, device=device)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         check_vocabulary(model, tokenizer)
@@ -342,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         table = evaluate_model(model, tokenizer, read_documents(args.heldout), settings)
         print(f"[evaluate] {args.name}: lm-eval tasks took {time.perf_counter() - start:.1f}s")
     except (ConfigError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     io.write_csv(args.out, with_model_columns(table, args.name, args.method, args.ratio))
     io.write_csv(args.extrapolation, with_model_columns(curve, args.name, args.method, args.ratio))
     print(f"[evaluate] wrote {args.out} and {args.extrapolation}")

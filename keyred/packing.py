@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyred.cli import bad_input, progress
 from keyred.config import ConfigError
 from keyred.corpus import SPLITS, read_documents
 from keyred.tokenizer import load_tokenizer, separator_id
@@ -212,11 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        pack_corpus(args.corpus, args.tokenizer, args.out, args.max_train_tokens,
-                    lambda message: print(message, flush=True))
+        pack_corpus(args.corpus, args.tokenizer, args.out, args.max_train_tokens, progress)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     print(f"[packing] wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import functools
-import json
 import sys
 import time
 import typing
@@ -34,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from keyred.cli import bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, require, settings_from_dict
 from keyred.groups import Group, build_group, parse_group_name
 from keyred.word_problems import make_word_problems, prefix_products
@@ -484,32 +483,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     try:
-        spec = json.loads(args.spec)
-    except json.JSONDecodeError as error:
-        parser.error(f"--spec is not valid JSON: {error}")
-    try:
-        model_settings, settings = settings_from_spec(spec)
+        model_settings, settings = settings_from_spec(read_spec(parser, args.spec))
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
 
     from pathlib import Path
 
-    import torch
-
     from keyred import io
     from keyred.models import new_info, save_checkpoint
-    from keyred.train import NonFiniteLossError, resolve_device
+    from keyred.train import NonFiniteLossError
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = resolve_device(args.device)
-        result, curve, summary, history = run_state_tracking(model_settings, settings, device,
-                                                             log=functools.partial(print, flush=True))
+        device = torch_device(args.device, args.threads)
+        result, curve, summary, history = run_state_tracking(model_settings, settings, device, log=progress)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

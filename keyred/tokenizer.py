@@ -20,12 +20,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from keyred.cli import bad_input, progress, read_spec
 from keyred.config import ConfigError, is_int, require, settings_from_dict
 
 KINDS = ("bpe", "hub")
@@ -159,15 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder for the saved tokenizer")
     args = parser.parse_args(argv)
 
+    spec = read_spec(parser, args.spec)
     try:
-        spec = json.loads(args.spec)
-    except json.JSONDecodeError as error:
-        parser.error(f"--spec is not valid JSON: {error}")
-    try:
-        build_tokenizer(tokenizer_settings(spec), args.corpus, args.out, lambda message: print(message, flush=True))
+        build_tokenizer(tokenizer_settings(spec), args.corpus, args.out, progress)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     print(f"[tokenizer] wrote {args.out}")
     return 0
 

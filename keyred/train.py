@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
-import json
 import math
 import os
 import subprocess
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyred.cli import bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict, validate_config
 
 RESUME_FILE = "state.pt"
@@ -397,18 +396,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--losses", required=True, help="training-loss CSV to write")
     parser.add_argument("--resume-dir", default=None, help="folder for resume state (kept until the run ends)")
     args = parser.parse_args(argv)
-    log = functools.partial(print, flush=True)
+    log = progress
 
+    spec = read_spec(parser, args.spec)
+    if not isinstance(spec, dict) or {"model", "train"} - set(spec):
+        parser.error("--spec must be a JSON object with the keys model and train")
     try:
-        spec = json.loads(args.spec)
         config = validate_config({"models": {args.name: spec["model"]}, "train": spec["train"]})
         model_choice = settings_from_dict(ModelChoice, config["models"][args.name], f"models.{args.name}")
         settings = settings_from_dict(TrainSettings, config["train"], "train")
-    except (json.JSONDecodeError, KeyError) as error:
-        parser.error(f"--spec must be JSON with keys model, train: {error}")
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
 
     import pandas as pd
     import torch
@@ -417,10 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     from keyred.models import new_info, save_checkpoint
     from keyred.tokenizer import load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        device = resolve_device(args.device)
+        device = torch_device(args.device, args.threads)
         gpus = torch.cuda.device_count() if device == "cuda" else 0
         if gpus > 1 and "WORLD_SIZE" not in os.environ and not model_choice.pretrained:
             log(f"[train] {gpus} GPUs visible: data parallel over all of them with torchrun "
@@ -435,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                                                args.resume_dir, where, log)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     except NonFiniteLossError as error:
         kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
         print(f"error: {error}{kept}", file=sys.stderr)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keyred.cli import bad_input, progress
 from keyred.groups import INDEX_DTYPE, Group, build_group
 
 COLUMNS = ("seed", "input", "target")
@@ -316,10 +317,6 @@ class _RowParser:
 
 # ------------------------------------------------------------------------------------------- CLI
 
-def _print_now(message: str) -> None:
-    print(message, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m keyred.word_problems", description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", required=True, help="group name: S<n>, A<n>, Z<n> or products like A4_x_Z5")
@@ -332,15 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         group = build_group(args.group)
         start = time.perf_counter()
-        print(f"[word_problems] {group.name} (|G| = {group.order}): {args.samples} distinct sequences of "
-              f"length {args.length}, seed {args.seed}", flush=True)
-        inputs, targets = make_word_problems(group, args.length, args.samples, args.seed, _print_now)
-        print(f"[word_problems] generated {len(inputs)} sequences and their prefix products in "
-              f"{time.perf_counter() - start:.1f}s", flush=True)
-        write_word_problems(args.out, inputs, targets, args.seed, _print_now)
+        progress(f"[word_problems] {group.name} (|G| = {group.order}): {args.samples} distinct sequences of "
+                 f"length {args.length}, seed {args.seed}")
+        inputs, targets = make_word_problems(group, args.length, args.samples, args.seed, progress)
+        progress(f"[word_problems] generated {len(inputs)} sequences and their prefix products in "
+                 f"{time.perf_counter() - start:.1f}s")
+        write_word_problems(args.out, inputs, targets, args.seed, progress)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return bad_input(error)
     print(f"[word_problems] wrote {args.out} in {time.perf_counter() - start:.1f}s")
     return 0
 

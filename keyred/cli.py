@@ -1,0 +1,41 @@
+"""What every stage's command line shares: the --spec JSON, the exit code of a bad input, torch
+threads and device, and progress lines that reach a log file at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+BAD_INPUT = 2          # exit code of a stage that refused its input before any expensive work
+
+
+def progress(message: str) -> None:
+    """Print a progress line and flush it (stage logs are files, block-buffered otherwise)."""
+    print(message, flush=True)
+
+
+def read_spec(parser: argparse.ArgumentParser, text: str) -> Any:
+    """The --spec JSON; an argparse error (exit 2) naming the problem when it is not valid JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        parser.error(f"--spec is not valid JSON: {error}")
+
+
+def bad_input(error: Exception) -> int:
+    """Report a refused input on stderr as 'error: ...'; return the exit code BAD_INPUT."""
+    print(f"error: {error}", file=sys.stderr)
+    return BAD_INPUT
+
+
+def torch_device(device: str, threads: int | None) -> str:
+    """Set torch's CPU threads (when given) and resolve 'auto' to cuda or cpu (ConfigError if cuda is missing)."""
+    import torch
+
+    from keyred.train import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    return resolve_device(device)
