@@ -10,6 +10,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/reduction.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/state_tracking.smk"
 
@@ -45,6 +46,12 @@ rule evaluation:
     """Every language model's lm-eval results (one tidy table) and its length extrapolation."""
     input:
         evaluation_targets(),
+
+
+rule reduction:
+    """Key reduction of every model x method x ratio, before and after LoRA: table and figure."""
+    input:
+        reduction_targets(),
 
 
 rule state_tracking:

@@ -126,3 +126,47 @@ def plot_outcome_grid(summary: pd.DataFrame, figure_path: str | Path) -> None:
     ax.set_title("Longest length solved (>= 99% sequences all correct), per seed", fontsize=9)
     fig.tight_layout()
     _save(fig, figure_path)
+
+
+# metrics of the key-reduction figure: (task, metric, axis label)
+REDUCTION_METRICS = (("heldout_perplexity", "bits_per_byte", "held-out bits per byte (lower is better)"),
+                     ("heldout_last_word", "acc", "last-word accuracy"),
+                     ("assoc_recall", "acc", "associative recall accuracy"))
+
+
+def reduction_table(baseline_paths, reduced_folders) -> pd.DataFrame:
+    """One tidy table: the unpruned models' evaluation (stage 'unpruned', ratio 0) and every
+    reduce job's evaluation.csv (stages 'pruned' and 'lora')."""
+    baselines = combine_tables(baseline_paths).assign(stage="unpruned")
+    reduced = combine_tables(Path(folder) / "evaluation.csv" for folder in reduced_folders)
+    columns = ["model", "method", "ratio", "stage", "task", "metric", "value", "n"]
+    return pd.concat([baselines[columns], reduced[columns]], ignore_index=True)
+
+
+def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
+    """Quality vs key-dimension reduction ratio: one row of panels per model, one panel per metric
+    of REDUCTION_METRICS; one colour per method, dashed after pruning, solid after LoRA; the
+    unpruned model as a grey line."""
+    plt = _pyplot()
+    models = sorted(table["model"].unique())
+    methods = sorted(table.loc[table["stage"] != "unpruned", "method"].unique())
+    fig, axes = plt.subplots(len(models), len(REDUCTION_METRICS), figsize=(4.2 * len(REDUCTION_METRICS),
+                                                                          3.2 * len(models)), squeeze=False)
+    colours = plt.get_cmap("tab10")
+    for row, model in enumerate(models):
+        for column, (task, metric, label) in enumerate(REDUCTION_METRICS):
+            ax = axes[row][column]
+            rows = table[(table["model"] == model) & (table["task"] == task) & (table["metric"] == metric)]
+            for index, method in enumerate(methods):
+                for stage, style in (("pruned", "--"), ("lora", "-")):
+                    line = rows[(rows["method"] == method) & (rows["stage"] == stage)].sort_values("ratio")
+                    ax.plot(line["ratio"], line["value"], style, marker="o", markersize=3, color=colours(index % 10),
+                            label=f"{method}" if stage == "lora" else None)
+            for value in rows.loc[rows["stage"] == "unpruned", "value"]:
+                ax.axhline(value, color="grey", linewidth=1)
+            ax.set_title(f"{model}", fontsize=9)
+            ax.set_xlabel("key-dimension reduction ratio")
+            ax.set_ylabel(label, fontsize=8)
+    axes[0][-1].legend(fontsize=7, title="solid: + LoRA, dashed: pruned", title_fontsize=7)
+    fig.tight_layout()
+    _save(fig, figure_path)

@@ -385,17 +385,21 @@ def _selection(kept: list, key_dim: int, stats: dict | None = None) -> Selection
 
 
 def _rrqr(matrices: list, count: int, settings: PruneSettings) -> Selection:
-    """Strong RRQR column selection on each layer's matrices [H, m, d_k]."""
+    """Strong RRQR column selection on each layer's matrices [H, m, d_k], in float64 on a GPU when
+    one is visible (all heads of a layer batched), else on the CPU."""
+    import torch
+
     from keyred.rrqr import strong_rrqr
 
-    results = [strong_rrqr(m.double().cpu(), count, f=settings.rrqr_f, max_swaps=settings.max_swaps)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = [strong_rrqr(m.to(device, torch.float64), count, f=settings.rrqr_f, max_swaps=settings.max_swaps)
                for m in matrices]
     stats = {"rrqr": {"swaps": [r.swaps.tolist() for r in results],
                       "converged": [r.converged.tolist() for r in results],
                       "max_rho": [r.max_rho.tolist() for r in results],
                       "rows": matrices[0].shape[1],
                       "all_converged": all(bool(r.converged.all()) for r in results)}}
-    return _selection([r.indices.long() for r in results], matrices[0].shape[-1], stats)
+    return _selection([r.indices.long().cpu() for r in results], matrices[0].shape[-1], stats)
 
 
 def _pca(second_moments: list, count: int) -> Selection:

@@ -97,7 +97,8 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
             recovered, rows, summary = finetune(pruned, packed, finetuning, device, teacher, log)
             save_checkpoint(recovered, folder / "lora",
                             new_info(parent_info.family, parent_info.size, stage="finetune", seed=finetuning.seed,
-                                     parent=str(folder / "pruned"), extra={**summary, "source": extra}))
+                                     parent=str(Path(out) / folder.name / "pruned"),
+                                     extra={**summary, "source": extra}))
             losses.append(pd.DataFrame(rows).assign(model=name, method=method, ratio=ratio))
             columns["stage"] = "lora"
             for table, into in zip(evaluate_stage(recovered, tokenizer, documents, heldout_tokens, context,

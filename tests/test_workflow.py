@@ -63,8 +63,9 @@ def test_dry_run_lists_exactly_the_expected_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2")
     assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": 2,
                                            "training_loss_table": 1, "evaluate_lm": 2, "evaluation_tables": 1,
+                                           "reduce": 14, "reduction_tables": 1,
                                            "state_tracking_run": 8, "state_tracking_tables": 1,
-                                           "state_tracking_figures": 1, "all": 1, "total": 20}
+                                           "state_tracking_figures": 1, "all": 1, "total": 35}
 
 
 def test_named_target_plans_only_its_jobs(workdir):
@@ -90,6 +91,21 @@ def test_paper_language_model_configs_plan_their_jobs(workdir, config, models):
     assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": models,
                                            "evaluate_lm": models, "evaluation_tables": 1, "models": 1,
                                            "evaluation": 1, "total": 6 + 2 * models}
+
+
+def test_reduction_target_plans_one_job_per_model_and_method(workdir):
+    name = write_yaml(workdir / "reduce_some.yaml", {"reduction": {"models": ["deltanet_tiny"],
+                                                                   "methods": ["l1", "drrqr"]}})
+    result = snakemake(workdir, "-n", "--cores", "2", "reduction", "--configfile", "config.yaml", name)
+    jobs = planned_jobs(result.stdout)
+    assert jobs["reduce"] == 2 and jobs["reduction_tables"] == 1 and jobs["train_lm"] == 1
+    assert "method=l1" in result.stdout and "method=drrqr" in result.stdout and "method=pca" not in result.stdout
+
+
+def test_unknown_reduction_model_fails_before_any_job(workdir):
+    name = write_yaml(workdir / "reduce_bad.yaml", {"reduction": {"models": ["mamba_tiny"]}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0 and "'mamba_tiny' is not a model of `models`" in result.stdout + result.stderr
 
 
 def test_pretrained_model_needs_the_hub_tokenizer(workdir):
@@ -142,7 +158,13 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
     assert evaluation["value"].notna().all()
     extrapolation = pd.read_csv(results / "tables" / "length_extrapolation.csv")
     assert extrapolation.groupby("model")["position"].max().tolist() == [4 * 128, 4 * 128]
-    for figure in ("training_loss.png", "length_extrapolation.png"):
+    reduction = pd.read_csv(results / "tables" / "reduction.csv")
+    reduced = reduction[reduction["stage"] != "unpruned"]
+    assert len(reduced.groupby(["model", "method", "ratio", "stage"])) == 2 * 7 * 3 * 2
+    assert reduced["value"].notna().all()
+    for folder in (results / "reduction" / "deltanet_tiny").iterdir():
+        assert {"ratio0.25", "ratio0.5", "ratio0.75", "evaluation.csv"} <= {p.name for p in folder.iterdir()}
+    for figure in ("training_loss.png", "length_extrapolation.png", "reduction.png"):
         assert (results / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
     # state tracking on S3 shows the known pattern in every seed
     summary = pd.read_csv(results / "tables" / "state_tracking_summary.csv")
@@ -163,12 +185,13 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
                       {"models": {"gated_deltanet_tiny": {"family": "gated_deltanet", "size": "small"}}})
     result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name)
     assert planned_jobs(result.stdout) == {"train_lm": 1, "training_loss_table": 1, "evaluate_lm": 1,
-                                           "evaluation_tables": 1, "all": 1, "total": 5}
+                                           "evaluation_tables": 1, "reduce": 7, "reduction_tables": 1, "all": 1,
+                                           "total": 13}
     assert "model=gated_deltanet_tiny" in result.stdout and "model=deltanet_tiny" not in result.stdout
     # a code change of one stage re-runs only that stage
     figures = workdir / "keyred" / "figures.py"
     figures.write_text(figures.read_text() + "\n# a change\n")
     result = snakemake(workdir, "-n", "--cores", "2")
     assert planned_jobs(result.stdout) == {"training_loss_table": 1, "evaluation_tables": 1,
-                                           "state_tracking_tables": 1, "state_tracking_figures": 1, "all": 1,
-                                           "total": 5}
+                                           "reduction_tables": 1, "state_tracking_tables": 1,
+                                           "state_tracking_figures": 1, "all": 1, "total": 6}

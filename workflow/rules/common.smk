@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 from keyred.config import ConfigError, validate_config
 from keyred.groups import group_order
 from keyred.provenance import code_digest
+from keyred.prune import METHODS
 from keyred.state_tracking import sweep_run_spec
 
 try:
@@ -28,6 +29,15 @@ RESULTS = config["results_dir"]
 MODELS = sorted(config["models"])
 
 
+# Key reduction: which models, methods and ratios.
+REDUCTION = config["reduction"]
+REDUCED_MODELS = REDUCTION["models"] or MODELS
+for _name in REDUCED_MODELS:
+    if _name not in config["models"]:
+        raise WorkflowError(f"config key 'reduction.models': {_name!r} is not a model of `models`; "
+                            f"allowed: {', '.join(MODELS)}")
+
+
 # State-tracking sweep: eigenvalue ranges by path-friendly name.
 EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
 TRACKING = config["state_tracking"]
@@ -36,6 +46,7 @@ TRACKING_GROUPS = TRACKING["groups"]
 
 wildcard_constraints:
     model="|".join(MODELS),
+    method="|".join(METHODS),
     group="|".join(TRACKING_GROUPS),
     eig="pos|neg",
     n_h=r"\d+",
@@ -79,6 +90,25 @@ def train_spec(model):
     )
 
 
+def reduction_path(model, method):
+    """The output folder of one reduce job (checkpoints and tables of every ratio)."""
+    return path("reduction", model, method)
+
+
+def reduction_runs():
+    return expand(reduction_path("{model}", "{method}"), model=REDUCED_MODELS, method=REDUCTION["methods"])
+
+
+def reduction_spec():
+    """Exactly the config values a reduce job reads (a rule param)."""
+    return json.dumps({"prune": REDUCTION["prune"], "finetune": REDUCTION["finetune"], "evaluate": config["evaluate"]},
+                      sort_keys=True)
+
+
+def reduction_targets():
+    return [path("tables", "reduction.csv"), path("figures", "reduction.png")] if REDUCTION["methods"] else []
+
+
 def tracking_run(*parts):
     """One run of the state-tracking sweep (wildcards group, n_h, eig, layers, seed)."""
     return path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}", "seed{seed}", *parts)
@@ -120,6 +150,7 @@ def all_targets():
         checkpoints()
         + [path("tables", "training_loss.csv"), path("figures", "training_loss.png")]
         + evaluation_targets()
+        + reduction_targets()
         + [path("tables", "state_tracking_summary.csv"), path("tables", "state_tracking_curves.csv")]
         + tracking_figures()
     )

@@ -1,7 +1,10 @@
 # Language-model data: corpus -> tokenizer -> packed token streams (one job each, shared by every model).
+# priority 1 here, in train.smk and reduction.smk: the language-model chain is the DAG's longest
+# path, so its jobs start before the (independent) state-tracking runs.
 
 
 rule corpus:
+    priority: 1
     output:
         directory(data_path("corpus")),
     params:
@@ -14,6 +17,7 @@ rule corpus:
 
 
 rule tokenizer:
+    priority: 1
     input:
         data_path("corpus"),
     output:
@@ -28,6 +32,7 @@ rule tokenizer:
 
 
 rule packing:
+    priority: 1
     input:
         corpus=data_path("corpus"),
         tokenizer=data_path("tokenizer"),

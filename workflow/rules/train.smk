@@ -3,6 +3,7 @@
 
 
 rule train_lm:
+    priority: 1
     input:
         packed=data_path("packed"),
         tokenizer=data_path("tokenizer"),

@@ -1,0 +1,48 @@
+# Key reduction: one job per (model, method) prunes at every ratio, evaluates, recovers with LoRA
+# and evaluates again (keyred.reduce); then the main comparison table and figure.
+
+
+rule reduce:
+    priority: 1
+    input:
+        checkpoint=model_path("{model}", "checkpoint"),
+        packed=data_path("packed"),
+        corpus=data_path("corpus"),
+        tokenizer=data_path("tokenizer"),
+    output:
+        directory(reduction_path("{model}", "{method}")),
+    params:
+        spec=reduction_spec(),
+        ratios=" ".join(str(ratio) for ratio in REDUCTION["ratios"]),
+        context=config["train"]["seq_len"],
+        device=config["device"],
+        code=code_digest("keyred.reduce"),
+    threads: config["threads"]
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
+        mem_mb=8000,
+        runtime=120,
+    log:
+        log_path("reduce", "{model}", "{method}.log"),
+    benchmark:
+        path("benchmarks", "reduce", "{model}", "{method}.tsv")
+    shell:
+        "{PYTHON} -m keyred.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
+        " --packed {input.packed} --corpus {input.corpus} --tokenizer {input.tokenizer}"
+        " --method {wildcards.method} --ratios {params.ratios} --context {params.context}"
+        " --spec {params.spec:q} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+
+
+rule reduction_tables:
+    input:
+        reduced=reduction_runs(),
+        baselines=expand(model_path("{model}", "evaluation.csv"), model=REDUCED_MODELS),
+    output:
+        table=path("tables", "reduction.csv"),
+        figure=path("figures", "reduction.png"),
+    params:
+        code=code_digest("keyred.figures"),
+    log:
+        log_path("reduction_tables.log"),
+    script:
+        "../scripts/reduction_tables.py"
