@@ -19,3 +19,15 @@ def packed_wikipedia(tmp_path_factory):
     build_tokenizer(tokenizer_settings({"vocab_size": 512}), root / "corpus", root / "tokenizer")
     pack_corpus(root / "corpus", root / "tokenizer", root / "packed")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one CPU thread for a test module (restored after): the tiny models and matrices of
+    the tests gain nothing from intra-op threads, and on a busy 2-core machine two threads spin."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

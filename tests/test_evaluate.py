@@ -14,6 +14,8 @@ from keyred.evaluate import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate
                              length_extrapolation, main, recall_samples, with_model_columns)
 from keyred.models import build_model, new_info, save_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 WORDS = ("the a of and to in is was that it for on with as his her they at by this had from not but river "
          "house garden morning winter light stone road city people water children window letter walked said "
          "found opened carried watched remembered followed crossed wrote slowly quietly old small bright cold "
@@ -56,7 +58,6 @@ def tokenizer(documents):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.set_num_threads(1)
     return build_model("delta_net", "tiny", vocab_size=len(tokenizer), seed=0).eval()
 
 

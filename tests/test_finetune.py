@@ -5,31 +5,21 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("peft")
+from keyred.config import ConfigError
+from keyred.finetune import (FinetuneSettings, add_lora, check_targets, distillation_loss, extra_parameter_names,
+                             finetune, finetune_settings, lora_targets, main, training_loss)
+from keyred.models import FAMILIES
 
-from keyred.config import ConfigError  # noqa: E402
-from keyred.finetune import (FinetuneSettings, add_lora, check_targets, distillation_loss,  # noqa: E402
-                             extra_parameter_names, finetune, finetune_settings, lora_targets, main,
-                             training_loss)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
 VOCAB = 512
 _COMMON_SAFE = {"q_proj", "k_proj", "v_proj", "b_proj", "o_proj", "gate_proj", "up_proj", "lm_head"}
 SAFE = {"delta_net": _COMMON_SAFE,                                   # tiny DeltaNet: no output gate
         "gated_deltanet": _COMMON_SAFE | {"a_proj", "g_proj"},
         "gated_deltaproduct": _COMMON_SAFE | {"a_proj", "g_proj"}}  # forget gate, output gate
 MERGE_ATOL = 5e-5  # float32 logits of order 1, merged (W + BA) x vs unmerged W x + B A x; measured <= 1.2e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on two shared cores run these tiny models several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(family: str, seed: int = 0, **overrides):

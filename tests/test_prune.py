@@ -18,26 +18,19 @@ import pytest
 import torch
 
 from keyred.config import ConfigError
+from keyred.models import FAMILIES
 from keyred.prune import (METHODS, PruneSettings, apply_selection, check_prunable, checkpoint_key_dim, exact_ratio,
                           main, new_key_dim, pca_conv_error, prune_checkpoint, prune_model, prune_settings,
                           select_channels)
 
-FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = dict(calibration_sequences=4, calibration_length=64, gradient_sequences=4, batch_size=2, rrqr_rows=512)
 QUIET = lambda message: None  # noqa: E731
 
 
 def settings(method, ratio, **changes):
     return PruneSettings(method=method, ratio=ratio, **{**SMALL, **changes})
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on two shared cores run these small kernels several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from keyred.config import validate_config
 from keyred.models import build_model, key_head_dim, load_checkpoint, new_info, save_checkpoint
 from keyred.reduce import main
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 @pytest.fixture(scope="module")
 def parent(packed_wikipedia, tmp_path_factory):
@@ -37,7 +39,6 @@ def arguments(root, parent, out, method="drrqr", ratios=("0.5",), spec_json=None
 
 
 def test_one_job_prunes_recovers_and_evaluates_every_ratio(packed_wikipedia, parent, tmp_path):
-    torch.set_num_threads(1)
     out = tmp_path / "gdn" / "drrqr"
     assert main(arguments(packed_wikipedia, parent, out, ratios=("0.25", "0.5"))) == 0
 

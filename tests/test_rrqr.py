@@ -7,13 +7,7 @@ import torch
 from keyred.rrqr import (RRQRSelection, max_rho, pivoted_qr_selection, strong_rrqr,
                          strong_rrqr_reference)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The matrices here are tiny: intra-op threads only add spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # relative slack on rho for rounding in the iteration's dtype; directions at the floor (rank
