@@ -289,9 +289,9 @@ def length_extrapolation(model, tokens, context: int, factor: int, sequences: in
                          "sequences": sequences})
 
 
-def with_model_columns(table, model: str, method: str, ratio: float):
-    """`table` with columns model, method, ratio in front (a copy)."""
-    return table.assign(model=model, method=method, ratio=ratio)[["model", "method", "ratio", *table.columns]]
+def with_columns(table, **columns):
+    """`table` with the given constant columns in front, in order (a copy), e.g. model, method, ratio."""
+    return table.assign(**columns)[[*columns, *table.columns]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,8 +336,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[evaluate] {args.name}: lm-eval tasks took {time.perf_counter() - start:.1f}s")
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
-    io.write_csv(args.out, with_model_columns(table, args.name, args.method, args.ratio))
-    io.write_csv(args.extrapolation, with_model_columns(curve, args.name, args.method, args.ratio))
+    columns = dict(model=args.name, method=args.method, ratio=args.ratio)
+    io.write_csv(args.out, with_columns(table, **columns))
+    io.write_csv(args.extrapolation, with_columns(curve, **columns))
     print(f"[evaluate] wrote {args.out} and {args.extrapolation}")
     return 0
 

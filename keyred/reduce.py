@@ -43,12 +43,12 @@ def read_sections(spec, method: str, ratios: list[float]):
 def evaluate_stage(model, tokenizer, documents, heldout_tokens, context: int, settings, device: str,
                    columns: dict, log):
     """(results, extrapolation) DataFrames of one model with `columns` (model, method, ratio, stage) in front."""
-    from keyred.evaluate import evaluate_model, length_extrapolation
+    from keyred.evaluate import evaluate_model, length_extrapolation, with_columns
 
     curve = length_extrapolation(model, heldout_tokens, context, settings.extrapolation_factor,
                                  settings.extrapolation_sequences, device, settings.seed)
     results = evaluate_model(model, tokenizer, documents, settings, log)
-    return tuple(table.assign(**columns)[[*columns, *table.columns]] for table in (results, curve))
+    return with_columns(results, **columns), with_columns(curve, **columns)
 
 
 def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: str | Path, tokenizer_dir,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from keyred.config import ConfigError, settings_from_dict
 from keyred.evaluate import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate_model, last_word_samples,
-                             length_extrapolation, main, recall_samples, with_model_columns)
+                             length_extrapolation, main, recall_samples, with_columns)
 from keyred.models import build_model, new_info, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,7 +116,7 @@ def test_every_configured_metric_is_finite(table):
     assert set(zip(table.task, table.metric)) == METRICS and len(table) == len(METRICS)
     assert np.isfinite(table.value).all()
     assert dict(zip(table.task, table.n)) == {"heldout_perplexity": 6, "heldout_last_word": 30, "assoc_recall": 30}
-    final = with_model_columns(table, "tiny", "drrqr", 0.5)
+    final = with_columns(table, model="tiny", method="drrqr", ratio=0.5)
     assert list(final.columns) == ["model", "method", "ratio", "task", "metric", "value", "n"]
     assert (final.ratio == 0.5).all() and list(table.columns) == ["task", "metric", "value", "n"]
 
