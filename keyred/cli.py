@@ -30,6 +30,12 @@ def bad_input(error: Exception) -> int:
     return BAD_INPUT
 
 
+def add_torch_options(parser: argparse.ArgumentParser) -> None:
+    """--device (auto, cpu, cuda) and --threads (torch CPU threads), read by torch_device."""
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
 def torch_device(device: str, threads: int | None) -> str:
     """Set torch's CPU threads (when given) and resolve 'auto' to cuda or cpu (ConfigError if cuda is missing)."""
     import torch

@@ -109,8 +109,14 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
-    """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys."""
+    """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys; JSON/YAML
+    lists become tuples (the settings dataclasses are frozen and hold tuples)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
@@ -121,4 +127,4 @@ def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
     missing = sorted(required - set(values))
     if missing:
         raise ConfigError(f"config key '{section}': missing key(s) {', '.join(missing)}")
-    return cls(**values)
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from keyred.cli import bad_input, progress, read_spec
-from keyred.config import ConfigError, is_int, require, settings_from_dict
+from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 SOURCES = ("wikipedia_sample", "hub", "files")
 FILE_SUFFIXES = (".txt", ".jsonl")
@@ -102,7 +102,7 @@ class CorpusSettings:
                  f"({self.hub_config}); the default sample-10BT alone holds about 10B tokens")
         for name in ("validation_fraction", "test_fraction"):
             value = getattr(self, name)
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1, name,
+            _require(is_number(value) and 0 < value < 1, name,
                      f"must be a number between 0 and 1 (exclusive), got {value!r}")
         _require(self.validation_fraction + self.test_fraction < 1, "validation_fraction",
                  f"validation_fraction + test_fraction must be below 1 to leave documents for train, got "
@@ -120,8 +120,6 @@ def corpus_settings(values: dict) -> CorpusSettings:
     """CorpusSettings from a mapping (the `corpus` config section or --spec; `files` may be a list)."""
     if not isinstance(values, dict):
         raise ConfigError(f"config key 'corpus': must be an object of settings, got {values!r}")
-    if isinstance(values.get("files"), list):
-        values = {**values, "files": tuple(values["files"])}
     return settings_from_dict(CorpusSettings, values, "corpus")
 
 

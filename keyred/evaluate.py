@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import bad_input, read_spec, torch_device
+from keyred.cli import add_torch_options, bad_input, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict
 from keyred.corpus import read_documents
 
@@ -96,7 +96,7 @@ class EvaluateSettings:
             if unknown:
                 raise ConfigError(f"config key 'evaluate.{name}': unknown task(s) {', '.join(map(repr, unknown))}; "
                                   f"allowed: {', '.join(allowed)}")
-            object.__setattr__(self, name, tuple(dict.fromkeys(names)))  # JSON lists -> tuples, no repeats
+            object.__setattr__(self, name, tuple(dict.fromkeys(names)))  # each task once, in order
         for name in [f.name for f in dataclasses.fields(self) if f.name not in ("tasks", "hub_tasks")]:
             value, least = getattr(self, name), 0 if name == "seed" else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -307,8 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratio", required=True, type=float, help="reduction ratio for the tables")
     parser.add_argument("--out", required=True, help="tidy results CSV to write")
     parser.add_argument("--extrapolation", required=True, help="per-position loss CSV to write")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     args = parser.parse_args(argv)
 
     try:

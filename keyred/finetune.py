@@ -37,8 +37,8 @@ import sys
 import time
 from pathlib import Path
 
-from keyred.cli import bad_input, progress, read_spec, torch_device
-from keyred.config import ConfigError, is_int, require, settings_from_dict
+from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 SECTION = "finetune"
 
@@ -66,15 +66,8 @@ class FinetuneSettings:
     seed: int = 0
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def finetune_settings(values: dict) -> FinetuneSettings:
     """FinetuneSettings from a mapping (missing keys take the defaults); ConfigError naming a bad key."""
-    values = dict(values)
-    if isinstance(values.get("target_modules"), list):
-        values["target_modules"] = tuple(values["target_modules"])
     settings = settings_from_dict(FinetuneSettings, values, SECTION)
     key = functools.partial("{}.{}".format, SECTION)
     for name in ("steps", "batch_size", "rank", "eval_sequences", "log_every"):
@@ -87,13 +80,13 @@ def finetune_settings(values: dict) -> FinetuneSettings:
         require(is_int(value) and value >= 0, key(name), f"must be an integer >= 0, got {value!r}")
     for name in ("lr", "grad_clip", "alpha", "distill_temperature"):
         value = getattr(settings, name)
-        require(_is_number(value) and value > 0, key(name), f"must be a number > 0, got {value!r}")
-    require(_is_number(settings.weight_decay) and settings.weight_decay >= 0, key("weight_decay"),
+        require(is_number(value) and value > 0, key(name), f"must be a number > 0, got {value!r}")
+    require(is_number(settings.weight_decay) and settings.weight_decay >= 0, key("weight_decay"),
             f"must be a number >= 0, got {settings.weight_decay!r}")
     for name in ("min_lr_ratio", "distill_weight"):
         value = getattr(settings, name)
-        require(_is_number(value) and 0 <= value <= 1, key(name), f"must be a number in [0, 1], got {value!r}")
-    require(_is_number(settings.dropout) and 0 <= settings.dropout < 1, key("dropout"),
+        require(is_number(value) and 0 <= value <= 1, key(name), f"must be a number in [0, 1], got {value!r}")
+    require(is_number(settings.dropout) and 0 <= settings.dropout < 1, key("dropout"),
             f"must be a number in [0, 1), got {settings.dropout!r}")
     for name in ("train_extra", "distill"):
         value = getattr(settings, name)
@@ -241,14 +234,14 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
 
     from keyred.packing import PackedTokens
     from keyred.train import (BatchOrder, check_finite, clip_and_step, learning_rate, mixed_precision,
-                              parameter_groups, validation_loss, window_batch)
+                              parameter_groups, validation_loss, validation_windows, window_batch)
 
     start = time.perf_counter()
     train_split = PackedTokens(packed, "train")
     windows = train_split.sequences(settings.seq_len)
-    validation_windows = PackedTokens(packed, "validation").sequences(settings.seq_len)[:settings.eval_sequences]
+    val_windows = validation_windows(packed, settings.seq_len, settings.eval_sequences)
     name = f"finetune {model.config.model_type}"
-    val_loss_before = validation_loss(model, validation_windows, settings.batch_size, device)
+    val_loss_before = validation_loss(model, val_windows, settings.batch_size, device)
 
     torch.manual_seed(settings.seed)
     peft_model = add_lora(model, settings)
@@ -297,7 +290,7 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
             window_start, window_first_step = time.perf_counter(), done
 
     merged = peft_model.merge_and_unload().eval()
-    val_loss_after = validation_loss(merged, validation_windows, settings.batch_size, device)
+    val_loss_after = validation_loss(merged, val_windows, settings.batch_size, device)
     rows[-1]["val_loss"] = val_loss_after
     seconds = time.perf_counter() - start
     log(f"[finetune] validation loss {val_loss_before:.4f} -> {val_loss_after:.4f} in {seconds:.0f}s")
@@ -326,8 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="checkpoint folder to write (adapters merged)")
     parser.add_argument("--losses", required=True, help="loss CSV to write")
     parser.add_argument("--teacher", default=None, help="distillation teacher (default: the checkpoint's parent)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     args = parser.parse_args(argv)
     log = progress
 

@@ -66,8 +66,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from keyred.cli import bad_input, progress, read_spec, torch_device
-from keyred.config import ConfigError, is_int, require, settings_from_dict
+from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca")
 ROUND_TO = (1, 16)
@@ -99,15 +99,14 @@ class PruneSettings:
     def __post_init__(self):
         require(self.method in METHODS, "prune.method",
                 f"unknown method {self.method!r}; allowed methods: {', '.join(METHODS)}")
-        require(isinstance(self.ratio, (int, float)) and not isinstance(self.ratio, bool)
-                and 0 <= self.ratio < 1, "prune.ratio", f"{self.ratio!r} is not allowed; ratio must be in [0, 1)")
+        require(is_number(self.ratio) and 0 <= self.ratio < 1, "prune.ratio", f"{self.ratio!r} is not allowed; ratio must be in [0, 1)")
         require(self.round_to in ROUND_TO and is_int(self.round_to), "prune.round_to",
                 f"{self.round_to!r} is not allowed; allowed values: {', '.join(map(str, ROUND_TO))}")
         for key, least in (("calibration_sequences", 1), ("calibration_length", 2), ("gradient_sequences", 1),
                            ("batch_size", 1), ("rrqr_rows", 1), ("seed", 0)):
             value = getattr(self, key)
             require(is_int(value) and value >= least, f"prune.{key}", f"must be an integer >= {least}, got {value!r}")
-        require(isinstance(self.rrqr_f, (int, float)) and not isinstance(self.rrqr_f, bool) and self.rrqr_f > 1,
+        require(is_number(self.rrqr_f) and self.rrqr_f > 1,
                 "prune.rrqr_f", f"must be a number > 1 (strong RRQR's bound f), got {self.rrqr_f!r}")
         require(self.max_swaps is None or (is_int(self.max_swaps) and self.max_swaps >= 0), "prune.max_swaps",
                 f"must be null or an integer >= 0, got {self.max_swaps!r}")
@@ -589,8 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True,
                         help="JSON of PruneSettings, e.g. '{\"method\": \"l1\", \"ratio\": 0.5}'")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     args = parser.parse_args(argv)
     log = progress
 

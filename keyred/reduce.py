@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyred.cli import bad_input, progress, read_spec, torch_device
+from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict
 from keyred.evaluate import EvaluateSettings
 from keyred.finetune import finetune_settings
@@ -52,9 +52,11 @@ def evaluate_stage(model, tokenizer, documents, heldout_tokens, context: int, se
 
 
 def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: str | Path, tokenizer_dir,
-                 method: str, ratios: list[float], spec: dict, context: int, out: str | Path, device: str,
-                 log=print) -> None:
-    """Run the sweep of one (model, method) and write its outputs into `out` atomically."""
+                 sections: tuple, context: int, out: str | Path, device: str, log=print) -> None:
+    """Run the sweep of one (model, method) and write its outputs into `out` atomically.
+
+    sections: read_sections' (prune settings per ratio, finetune settings, evaluate settings).
+    """
     import copy
 
     import numpy as np
@@ -68,7 +70,7 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
     from keyred.prune import check_prunable, prune_model
     from keyred.tokenizer import load_tokenizer
 
-    prunes, finetuning, evaluation = read_sections(spec, method, ratios)
+    prunes, finetuning, evaluation = sections
     parent, parent_info = load_checkpoint(checkpoint, device=device)
     key_dim = check_prunable(parent.config)
     for settings in prunes:                      # every ratio must leave keys before any work starts
@@ -82,14 +84,14 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
     with io.atomic_dir(out) as tmp:
         for settings in prunes:
             ratio = settings.ratio
-            log(f"[reduce] {name} {method} ratio {ratio}: d_k {key_dim} -> "
+            log(f"[reduce] {name} {settings.method} ratio {ratio}: d_k {key_dim} -> "
                 f"{new_key_dim(key_dim, ratio, settings.round_to)}")
             pruned, extra = prune_model(copy.deepcopy(parent), settings, packed, device, log)
             folder = tmp / f"ratio{ratio:g}"
             save_checkpoint(pruned, folder / "pruned",
                             new_info(parent_info.family, parent_info.size, stage="prune", seed=settings.seed,
                                      parent=str(checkpoint), extra=extra))
-            columns = dict(model=name, method=method, ratio=ratio, stage="pruned")
+            columns = dict(model=name, method=settings.method, ratio=ratio, stage="pruned")
             for table, into in zip(evaluate_stage(pruned, tokenizer, documents, heldout_tokens, context, evaluation,
                                                   device, columns, log), (results, curves)):
                 into.append(table)
@@ -99,7 +101,7 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
                             new_info(parent_info.family, parent_info.size, stage="finetune", seed=finetuning.seed,
                                      parent=str(Path(out) / folder.name / "pruned"),
                                      extra={**summary, "source": extra}))
-            losses.append(pd.DataFrame(rows).assign(model=name, method=method, ratio=ratio))
+            losses.append(pd.DataFrame(rows).assign(model=name, method=settings.method, ratio=ratio))
             columns["stage"] = "lora"
             for table, into in zip(evaluate_stage(recovered, tokenizer, documents, heldout_tokens, context,
                                                   evaluation, device, columns, log), (results, curves)):
@@ -121,13 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", required=True, type=int, help="training context (length extrapolation)")
     parser.add_argument("--spec", required=True, help="JSON with the sections prune, finetune, evaluate")
     parser.add_argument("--out", required=True, help="folder to write")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     args = parser.parse_args(argv)
 
-    spec = read_spec(parser, args.spec)
     try:
-        read_sections(spec, args.method, args.ratios)
+        sections = read_sections(read_spec(parser, args.spec), args.method, args.ratios)
     except ConfigError as error:
         return bad_input(error)
 
@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     from keyred.train import NonFiniteLossError
 
     try:
-        reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, args.method, args.ratios,
-                     spec, args.context, args.out, torch_device(args.device, args.threads), progress)
+        reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, sections, args.context,
+                     args.out, torch_device(args.device, args.threads), progress)
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
     except NonFiniteLossError as error:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from keyred.cli import bad_input, progress, read_spec, torch_device
+from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, require, settings_from_dict
 from keyred.groups import Group, build_group, parse_group_name
 from keyred.word_problems import make_word_problems, prefix_products
@@ -478,8 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help='JSON: {"model": {...}, "train": {...}} (see the settings '
                                                       "classes StateTrackingModel and StateTrackingTraining)")
     parser.add_argument("--out", required=True, help="folder for checkpoint/, curve.csv, summary.csv, history.csv")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     args = parser.parse_args(argv)
 
     try:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import bad_input, progress, read_spec, torch_device
+from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict, validate_config
 
 RESUME_FILE = "state.pt"
@@ -174,6 +174,13 @@ def window_batch(windows: np.ndarray, rows: np.ndarray, device: str):
     return torch.from_numpy(windows[rows].astype(np.int64)).to(device)
 
 
+def validation_windows(packed, seq_len: int, count: int) -> np.ndarray:
+    """The first `count` windows [<= count, seq_len] of the packed validation split (a memmap view)."""
+    from keyred.packing import PackedTokens
+
+    return PackedTokens(packed, "validation").sequences(seq_len)[:count]
+
+
 def validation_loss(model, windows: np.ndarray, batch_size: int, device: str) -> float:
     """Mean next-token cross-entropy (nats) of the model over windows [N, seq_len]."""
     import torch
@@ -281,10 +288,10 @@ def train_language_model(name: str, model_choice: ModelChoice, packed: str | Pat
     from keyred.models import build_model
     from keyred.packing import PackedTokens
 
-    train_split, validation_split = PackedTokens(packed, "train"), PackedTokens(packed, "validation")
+    train_split = PackedTokens(packed, "train")
     windows = train_split.sequences(settings.seq_len)
-    validation_windows = validation_split.sequences(settings.seq_len)[:settings.eval_sequences]
-    baseline = unigram_loss(train_split.tokens, validation_windows, train_split.vocab_size)
+    val_windows = validation_windows(packed, settings.seq_len, settings.eval_sequences)
+    baseline = unigram_loss(train_split.tokens, val_windows, train_split.vocab_size)
     model = build_model(model_choice.family, model_choice.size, vocab_size=train_split.vocab_size,
                         seed=settings.seed).to(device)
     model.train()
@@ -344,7 +351,7 @@ def train_language_model(name: str, model_choice: ModelChoice, packed: str | Pat
         if where.is_main and (log_now or evaluate_now):
             now = time.perf_counter()
             tokens_per_s = (done - window_first_step) * step_tokens / (now - window_start)
-            val_loss = validation_loss(model, validation_windows, settings.batch_size, device) if evaluate_now \
+            val_loss = validation_loss(model, val_windows, settings.batch_size, device) if evaluate_now \
                 else float("nan")
             elapsed = now - start
             eta = elapsed / (done - first_step) * (settings.steps - done)
@@ -372,13 +379,13 @@ def score_pretrained(name: str, model_choice: ModelChoice, packed: str | Path, s
         raise ConfigError(f"config key 'models.{name}.pretrained': {model_choice.pretrained} is a "
                           f"{model.config.model_type} model, but models.{name}.family is {model_choice.family}")
     check_vocabulary(packed, model.config.vocab_size)
-    train_split, validation_split = PackedTokens(packed, "train"), PackedTokens(packed, "validation")
-    validation_windows = validation_split.sequences(settings.seq_len)[:settings.eval_sequences]
-    val_loss = validation_loss(model, validation_windows, settings.batch_size, device)
+    train_split = PackedTokens(packed, "train")
+    val_windows = validation_windows(packed, settings.seq_len, settings.eval_sequences)
+    val_loss = validation_loss(model, val_windows, settings.batch_size, device)
     log(f"[train] {name}: pretrained {model_choice.pretrained}, validation loss {val_loss:.4f}")
     return model.eval(), [dict(step=0, loss=float("nan"), lr=0.0, tokens_per_s=float("nan"), elapsed_s=0.0,
                                val_loss=val_loss, tokens=0,
-                               unigram_val_loss=unigram_loss(train_split.tokens, validation_windows,
+                               unigram_val_loss=unigram_loss(train_split.tokens, val_windows,
                                                              train_split.vocab_size))]
 
 
@@ -390,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", required=True, help="JSON with the model and train sections")
     parser.add_argument("--packed", required=True, help="keyred.packing folder (train/validation .npy)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder to save with the checkpoint")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_torch_options(parser)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--losses", required=True, help="training-loss CSV to write")
     parser.add_argument("--resume-dir", default=None, help="folder for resume state (kept until the run ends)")
