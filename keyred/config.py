@@ -117,6 +117,7 @@ def is_number(value) -> bool:
 def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
     """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys; JSON/YAML
     lists become tuples (the settings dataclasses are frozen and hold tuples)."""
+    require(isinstance(values, dict), section, f"must be an object of settings, got {values!r}")
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:

@@ -118,8 +118,6 @@ def _require(condition: bool, key: str, problem: str) -> None:
 
 def corpus_settings(values: dict) -> CorpusSettings:
     """CorpusSettings from a mapping (the `corpus` config section or --spec; `files` may be a list)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key 'corpus': must be an object of settings, got {values!r}")
     return settings_from_dict(CorpusSettings, values, "corpus")
 
 

@@ -123,8 +123,6 @@ class PruneSettings:
 
 def prune_settings(values: dict) -> PruneSettings:
     """PruneSettings from a mapping (e.g. the CLI's --spec); ConfigError names unknown or missing keys."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key 'prune': must be a mapping, got {type(values).__name__}")
     return settings_from_dict(PruneSettings, values, "prune")
 
 

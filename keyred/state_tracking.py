@@ -159,11 +159,8 @@ def settings_from_spec(spec: dict) -> tuple[StateTrackingModel, StateTrackingTra
         found = sorted(spec) if isinstance(spec, dict) else type(spec).__name__
         raise ConfigError(f"the spec must be a JSON object with the sections {', '.join(SPEC_SECTIONS)} "
                           f"('model' may be left out for the defaults); found {found}")
-    sections = {name: spec.get(name, {}) for name in SPEC_SECTIONS}
-    for name, values in sections.items():
-        require(isinstance(values, dict), name, f"must be an object of settings, got {values!r}")
-    return (settings_from_dict(StateTrackingModel, sections["model"], "model"),
-            settings_from_dict(StateTrackingTraining, sections["train"], "train"))
+    return (settings_from_dict(StateTrackingModel, spec.get("model", {}), "model"),
+            settings_from_dict(StateTrackingTraining, spec["train"], "train"))
 
 
 def sweep_run_spec(tracking: dict, group: str, n_h: int, allow_neg_eigval: bool, layers: int, seed: int) -> dict:

@@ -64,8 +64,6 @@ def _require(condition: bool, key: str, problem: str) -> None:
 
 def tokenizer_settings(values: dict) -> TokenizerSettings:
     """TokenizerSettings from a mapping (the `tokenizer` config section or --spec), rejecting unknown keys."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config key 'tokenizer': must be an object of settings, got {values!r}")
     return settings_from_dict(TokenizerSettings, values, "tokenizer")
 
 
