@@ -9,6 +9,7 @@ from keyred.config import ConfigError, validate_config
 from keyred.groups import group_order
 from keyred.provenance import code_digest
 from keyred.prune import METHODS
+from keyred.resources import KEYS as RESOURCE_KEYS, job_resources
 from keyred.state_tracking import sweep_run_spec
 
 try:
@@ -154,3 +155,21 @@ def all_targets():
         + [path("tables", "state_tracking_summary.csv"), path("tables", "state_tracking_curves.csv")]
         + tracking_figures()
     )
+
+
+# Cluster resources, from the one table in keyred.resources: every rule's `resources:` is
+# `**stage_resources(stage)` or `**model_resources(stage)` (mem_mb, runtime, gpu, cpus_per_gpu).
+def stage_resources(stage):
+    """Resources of a rule of `stage` that has no model: state_tracking, data or tables."""
+    return job_resources(stage, device=config["device"], threads=config["threads"],
+                         token_budget=config["corpus"]["token_budget"])
+
+
+def model_resources(stage):
+    """Resources of a per-model rule (wildcard `model`) of `stage`: train, evaluate or reduce."""
+    def of_model(wildcards):
+        model = config["models"][wildcards.model]
+        return job_resources(stage, size=model["size"], family=model["family"], device=config["device"],
+                             gpus=config["train_gpus"], threads=config["threads"])
+
+    return {key: (lambda wildcards, key=key: of_model(wildcards)[key]) for key in RESOURCE_KEYS}

@@ -10,6 +10,8 @@ rule corpus:
     params:
         spec=json.dumps(config["corpus"], sort_keys=True),
         code=code_digest("keyred.corpus"),
+    resources:
+        **stage_resources("data"),
     log:
         log_path("data", "corpus.log"),
     shell:
@@ -25,6 +27,8 @@ rule tokenizer:
     params:
         spec=json.dumps(config["tokenizer"], sort_keys=True),
         code=code_digest("keyred.tokenizer"),
+    resources:
+        **stage_resources("data"),
     log:
         log_path("data", "tokenizer.log"),
     shell:
@@ -41,6 +45,8 @@ rule packing:
     params:
         max_train_tokens=max_train_tokens_option(),
         code=code_digest("keyred.packing"),
+    resources:
+        **stage_resources("data"),
     log:
         log_path("data", "packing.log"),
     shell:

@@ -18,9 +18,7 @@ rule evaluate_lm:
         code=code_digest("keyred.evaluate"),
     threads: config["threads"]
     resources:
-        gpu=lambda wildcards: int(config["device"] == "cuda"),
-        mem_mb=4000,
-        runtime=60,
+        **model_resources("evaluate"),
     log:
         log_path("evaluate_lm", "{model}.log"),
     benchmark:
@@ -43,6 +41,8 @@ rule evaluation_tables:
     params:
         context=config["train"]["seq_len"],
         code=code_digest("keyred.figures"),
+    resources:
+        **stage_resources("tables"),
     log:
         log_path("evaluation_tables.log"),
     script:

@@ -9,6 +9,8 @@ rule training_loss_table:
         figure=path("figures", "training_loss.png"),
     params:
         code=code_digest("keyred.figures"),
+    resources:
+        **stage_resources("tables"),
     log:
         log_path("training_loss_table.log"),
     script:

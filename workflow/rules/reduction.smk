@@ -19,9 +19,7 @@ rule reduce:
         code=code_digest("keyred.reduce"),
     threads: config["threads"]
     resources:
-        gpu=lambda wildcards: int(config["device"] == "cuda"),
-        mem_mb=8000,
-        runtime=120,
+        **model_resources("reduce"),
     log:
         log_path("reduce", "{model}", "{method}.log"),
     benchmark:
@@ -42,6 +40,8 @@ rule reduction_tables:
         figure=path("figures", "reduction.png"),
     params:
         code=code_digest("keyred.figures"),
+    resources:
+        **stage_resources("tables"),
     log:
         log_path("reduction_tables.log"),
     script:

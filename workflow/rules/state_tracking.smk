@@ -14,9 +14,7 @@ rule state_tracking_run:
         code=code_digest("keyred.state_tracking"),
     threads: config["threads"]
     resources:
-        gpu=lambda wildcards: int(config["device"] == "cuda"),
-        mem_mb=4000,
-        runtime=120,
+        **stage_resources("state_tracking"),
     log:
         log_path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}_seed{seed}.log"),
     benchmark:
@@ -35,6 +33,8 @@ rule state_tracking_tables:
         summary=path("tables", "state_tracking_summary.csv"),
     params:
         code=code_digest("keyred.figures"),
+    resources:
+        **stage_resources("tables"),
     log:
         log_path("state_tracking_tables.log"),
     script:
@@ -50,6 +50,8 @@ rule state_tracking_figures:
     params:
         groups=TRACKING_GROUPS,
         code=code_digest("keyred.figures"),
+    resources:
+        **stage_resources("tables"),
     log:
         log_path("state_tracking_figures.log"),
     script:

@@ -14,12 +14,11 @@ rule train_lm:
         spec=lambda wildcards: train_spec(wildcards.model),
         device=config["device"],
         resume=lambda wildcards: model_path(wildcards.model, "resume"),
+        gpus=lambda wildcards, resources: resources.gpu,  # data-parallel processes: a change re-trains
         code=code_digest("keyred.train"),
     threads: config["threads"]
     resources:
-        gpu=lambda wildcards: int(config["device"] == "cuda"),
-        mem_mb=4000,
-        runtime=60,
+        **model_resources("train"),
     log:
         log_path("train_lm", "{model}.log"),
     benchmark:
