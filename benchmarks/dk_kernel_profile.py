@@ -3,7 +3,7 @@
     python benchmarks/dk_kernel_profile.py --out profile.csv
 
 For d_k in --key-dims (d_v fixed) it times fla's chunked DeltaNet and Gated DeltaNet ops
-(forward, and forward+backward for DeltaNet), the fused-recurrent decoding step at several
+(forward, with chunks of 64 and 32 tokens, and with --backward forward+backward), the fused-recurrent decoding step at several
 batches with fla's fixed launch and with keyred's autotuned one (keyred.kernels.decode_launch),
 the DeltaNet layer forward eagerly and replayed from a CUDA graph (no host overhead), and with
 --model a 1.3B-shaped model forward (random weights, bf16). Times are CUDA-event medians of
@@ -97,6 +97,17 @@ def decode_cases(args, d_k):
             yield "decode step, keyred launch", d_k, batch, step
 
 
+def chunk_size_cases(q, k, v, beta, d_k):
+    """fla's chunked DeltaNet forward with chunks of 32 tokens instead of 64 (output compared)."""
+    from fla.ops.delta_rule.chunk import ChunkDeltaRuleFunction
+
+    def forward(chunk_size):
+        return ChunkDeltaRuleFunction.apply(q, k, v, beta, d_k ** -0.5, None, False, False, None, None, chunk_size)
+    error = (forward(32)[0].float() - forward(64)[0].float()).abs().max().item()
+    print(f"   chunk 32 vs chunk 64 output, d_k={d_k}: max abs difference {error:.2e}", flush=True)
+    yield "chunk_delta_rule fwd, chunk 32", d_k, q.shape[0], lambda: forward(32)
+
+
 def cases(args):
     """(name, d_k, batch, fn) of every measured case; backward cases last (fla's may crash at small d_k)."""
     from fla.layers import DeltaNet
@@ -108,6 +119,7 @@ def cases(args):
         q, k, v, beta, _ = op_inputs(B, T, H, d_k, V, gated=False)
         yield "chunk_delta_rule fwd", d_k, B, lambda q=q, k=k, v=v, beta=beta: chunk_delta_rule(
             q.detach(), k.detach(), v.detach(), beta.detach())
+        yield from chunk_size_cases(q.detach(), k.detach(), v.detach(), beta.detach(), d_k)
         qg, kg, vg, bg, g = op_inputs(B, T, H, d_k, V, gated=True)
         yield "chunk_gated_delta_rule fwd", d_k, B, lambda q=qg, k=kg, v=vg, b=bg, g=g: chunk_gated_delta_rule(
             q.detach(), k.detach(), v.detach(), g, b.detach())
@@ -130,7 +142,7 @@ def cases(args):
                     model(ids)
             yield "1.3B-shaped model fwd", d_k, B, model_fwd
             del model
-    for d_k in args.key_dims:
+    for d_k in args.key_dims if args.backward else ():
         q, k, v, beta, _ = op_inputs(B, T, H, d_k, V, gated=False)
 
         def fwd_bwd(q=q, k=k, v=v, beta=beta):
@@ -156,8 +168,9 @@ def main():
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--decode-batches", type=int, nargs="+", default=[16, 256, 1024])
+    parser.add_argument("--decode-batches", type=int, nargs="*", default=[16, 256, 1024])
     parser.add_argument("--model", action="store_true", help="also the 1.3B-shaped model forward")
+    parser.add_argument("--backward", action="store_true", help="also DeltaNet's forward+backward (last)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="dk_kernel_profile.csv")

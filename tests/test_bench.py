@@ -1,0 +1,282 @@
+"""keyred.bench: the three benchmark kinds on CPU at tiny shapes, their tables, the kernel record,
+state bytes from the cache against the closed form, refusals before work, and the plots.
+
+No timing thresholds: CPU numbers only have to exist, be finite and positive.
+"""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from keyred import figures
+from keyred.bench import (COLUMNS, BenchmarkError, InsufficientMemoryError, ModelShape, Timing, base_shape,
+                          benchmark_decoding, benchmark_mixers, main, out_of_memory_as_error, reduction_checkpoints,
+                          resolve_dtype, shape_config, shape_of, shape_source, shapes_from_options)
+from keyred.models import FAMILIES, CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+QUICK = Timing(warmup=1, repeats=2)
+QUIET = lambda message: None  # noqa: E731
+MEASURED = ("parameters", "warmup_s", "latency_ms_median", "latency_ms_min", "latency_ms_max", "tokens_per_s",
+            "estimated_mem_bytes", "d_k", "d_v", "batch", "seq_len")
+
+
+def tiny(family="delta_net", key_dim=16, value_dim=16, layers=2, heads=4, hidden=64):
+    return ModelShape(family=family, hidden_size=hidden, num_layers=layers, num_heads=heads, key_dim=key_dim,
+                      value_dim=value_dim, vocab_size=128)
+
+
+def check_table(frame: pd.DataFrame, extra=()) -> None:
+    """Every column of COLUMNS, in order; the measured numbers finite and positive."""
+    assert list(frame.columns) == list(COLUMNS)
+    assert len(frame) > 0
+    for column in (*MEASURED, *extra):
+        values = frame[column].astype(float)
+        assert np.isfinite(values).all() and (values > 0).all(), (column, values.tolist())
+    assert (frame["peak_mem_kind"] == "cpu_rss_peak_delta").all()
+    assert (frame["peak_mem_bytes"] >= 0).all()
+    assert frame["latency_ms_min"].le(frame["latency_ms_median"]).all()
+    assert (frame["device"] == "cpu").all() and (frame["kernel_backend"] == "keyred-torch").all()
+    assert frame[["torch_version", "fla_version", "device_name", "dtype", "kernel"]].notna().all().all()
+
+
+# ------------------------------------------------------------------------------------ shapes
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shape_config_sets_key_and_value_dims_independently(family):
+    shape = tiny(family, key_dim=24, value_dim=40, heads=2, hidden=48)
+    config = shape_config(shape)
+    assert shape_of(config) == shape
+    assert (config.hidden_size, config.num_hidden_layers, config.num_heads) == (48, 2, 2)
+
+
+def test_the_1_3b_shape_keeps_d_v_when_d_k_shrinks():
+    base = base_shape("delta_net", "1.3B")
+    assert (base.hidden_size, base.num_layers, base.num_heads, base.key_dim, base.value_dim) == (2048, 24, 16, 128, 128)
+    shapes = shapes_from_options(["delta_net"], "1.3B", None, None, None, [128, 64, 32], None)
+    assert [(s.key_dim, s.value_dim, s.num_layers, s.hidden_size) for s in shapes] == [
+        (128, 128, 24, 2048), (64, 128, 24, 2048), (32, 128, 24, 2048)]
+    config = shape_config(shapes[1])
+    assert config.expand_k == 0.5 and config.expand_v == 1
+
+
+def test_shape_options_name_what_is_missing():
+    with pytest.raises(BenchmarkError, match="without --size, random-weight shapes need --hidden, --layers"):
+        shapes_from_options(["delta_net"], None, None, None, 4, [16], 16)
+    with pytest.raises(BenchmarkError, match="--hidden describe random-weight shapes and need --families"):
+        shapes_from_options(None, None, 64, None, None, None, None)
+    assert shapes_from_options(["gated_deltanet"], None, 64, None, 4, [16], 16, need_layers=False)[0].num_layers == 1
+    with pytest.raises(BenchmarkError, match="key_dim must be an integer >= 1"):
+        tiny(key_dim=0)
+    with pytest.raises(BenchmarkError, match="fla's chunk kernels reject float32"):
+        resolve_dtype("float32", "cuda")
+    with pytest.raises(BenchmarkError, match="--repeats must be an integer >= 1"):
+        Timing(warmup=1, repeats=0)
+
+
+def test_reduction_folders_list_their_pruned_checkpoints_by_ratio(tmp_path):
+    for name in ("ratio0.75", "ratio0.25", "ratio0.5", "notes"):
+        (tmp_path / name).mkdir()
+    assert reduction_checkpoints(tmp_path) == [tmp_path / f"ratio{r}" / "pruned" for r in ("0.25", "0.5", "0.75")]
+    with pytest.raises(CheckpointError, match="holds no ratio\\*/pruned checkpoints"):
+        reduction_checkpoints(tmp_path / "notes")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        reduction_checkpoints(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------------ whole model
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """A tiny random DeltaNet (d_k 16) and its l1-pruned child at ratio 0.5 (d_k 8), in a reduce-like layout."""
+    from keyred.models import build_model, new_info, save_checkpoint
+    from keyred.prune import PruneSettings, prune_checkpoint
+
+    root = tmp_path_factory.mktemp("bench_checkpoints")
+    save_checkpoint(build_model("delta_net", "tiny", vocab_size=128, seed=0), root / "base",
+                    new_info("delta_net", "tiny", stage="train", seed=0))
+    prune_checkpoint(root / "base", PruneSettings(method="l1", ratio=0.5), root / "reduction" / "ratio0.5" / "pruned",
+                     log=QUIET)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_table(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_model") / "model.csv"
+    code = main(["model", "--out", str(out), "--name", "tiny", "--checkpoints", str(checkpoints / "base"),
+                 "--reductions", str(checkpoints / "reduction"), "--batch", "2", "--seq-len", "80",
+                 "--warmup", "1", "--repeats", "2", "--threads", "1"])
+    assert code == 0
+    return pd.read_csv(out)
+
+
+def test_whole_model_benchmark_of_a_baseline_and_its_pruned_checkpoint(model_table, checkpoints):
+    check_table(model_table)
+    rows = model_table.set_index("label")
+    assert list(model_table["label"]) == ["baseline", "l1 0.5"]
+    assert rows.loc["baseline", ["d_k", "d_v", "method", "ratio", "stage"]].tolist() == [16, 16, "none", 0.0, "train"]
+    assert rows.loc["l1 0.5", ["d_k", "d_v", "method", "ratio", "stage"]].tolist() == [8, 16, "l1", 0.5, "prune"]
+    assert rows.loc["l1 0.5", "parameters"] < rows.loc["baseline", "parameters"]
+    assert (model_table["kind"] == "model").all() and (model_table["model"] == "tiny").all()
+    assert (model_table["pass"] == "forward").all() and (model_table["kernel"] == "chunk_delta_rule").all()
+    assert rows.loc["l1 0.5", "checkpoint"] == str(checkpoints / "reduction" / "ratio0.5" / "pruned")
+    assert model_table[["state_bytes_per_seq", "prompt_len"]].isna().all().all()
+
+
+def test_a_missing_checkpoint_is_refused_before_any_work(checkpoints, tmp_path, capsys):
+    out = tmp_path / "model.csv"
+    code = main(["model", "--out", str(out), "--checkpoints", str(checkpoints / "base"), str(tmp_path / "gone"),
+                 "--batch", "2", "--seq-len", "8"])
+    captured = capsys.readouterr()
+    assert code == 2 and f"error: checkpoint {tmp_path / 'gone'} does not exist" in captured.err
+    assert "[bench] model" not in captured.out and not out.exists()
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("model", ["--layers", "2", "--batch", "1000000", "--seq-len", "1000000"]),
+    ("mixer", ["--batch", "1000000", "--seq-len", "1000000"]),
+    ("decode", ["--layers", "2", "--batches", "1", "1000000000", "--prompt-len", "1000"]),
+])
+def test_a_shape_too_large_for_memory_is_refused_with_the_numbers(kind, options, tmp_path, capsys):
+    out = tmp_path / "out.csv"
+    code = main([kind, "--out", str(out), "--families", "delta_net", "--hidden", "64", "--heads", "4",
+                 "--key-dims", "16", "--value-dim", "16", *options])
+    captured = capsys.readouterr()
+    assert code == 2 and "needs an estimated" in captured.err and "GiB is free of RAM" in captured.err
+    assert "use a smaller batch or length" in captured.err
+    assert f"[bench] {kind} 1/" not in captured.out and not out.exists()
+
+
+def test_out_of_memory_during_a_run_names_the_shape():
+    with pytest.raises(InsufficientMemoryError, match="while running the forward of x at batch 2 x length 80: "
+                                                      "CUDA out of memory"):
+        with out_of_memory_as_error("the forward of x at batch 2 x length 80"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB\nmore")
+    with pytest.raises(RuntimeError, match="unrelated"):
+        with out_of_memory_as_error("anything"):
+            raise RuntimeError("unrelated")
+
+
+# ------------------------------------------------------------------------------------ mixers
+
+@pytest.fixture(scope="module")
+def mixer_table():
+    shapes = [tiny(family, key_dim) for family in ("delta_net", "gated_deltanet") for key_dim in (16, 8)]
+    return benchmark_mixers(shapes, batch=2, seq_len=80, timing=QUICK, device="cpu", log=QUIET)
+
+
+def test_mixer_benchmark_times_forward_and_backward_at_each_key_dim(mixer_table, tmp_path):
+    check_table(mixer_table)
+    assert len(mixer_table) == 8
+    assert set(mixer_table["pass"]) == {"forward", "forward+backward"}
+    assert (mixer_table["num_layers"] == 1).all() and (mixer_table["d_v"] == 16).all()
+    parameters = mixer_table.groupby(["family", "d_k"])["parameters"].first()
+    assert parameters["delta_net", 8] < parameters["delta_net", 16]
+    mixer_table.to_csv(tmp_path / "mixer.csv", index=False)
+    assert list(pd.read_csv(tmp_path / "mixer.csv").columns) == list(COLUMNS)
+
+
+@pytest.mark.parametrize("family, which, seq_len, kernel", [
+    ("delta_net", "forward", 64, "fused_recurrent_delta_rule"),
+    ("delta_net", "forward", 65, "chunk_delta_rule"),
+    ("delta_net", "forward+backward", 64, "fused_recurrent_delta_rule"),   # DeltaNet switches with grad too
+    ("delta_net", "forward+backward", 65, "chunk_delta_rule"),
+    ("gated_deltanet", "forward", 64, "fused_recurrent_gated_delta_rule"),
+    ("gated_deltanet", "forward", 65, "chunk_gated_delta_rule"),
+    ("gated_deltanet", "forward+backward", 64, "chunk_gated_delta_rule"),  # the gated layers keep chunk with grad
+])
+def test_the_kernel_column_names_the_op_the_layer_chose(family, which, seq_len, kernel):
+    frame = benchmark_mixers([tiny(family, 8, heads=2, hidden=32)], batch=1, seq_len=seq_len,
+                             timing=Timing(warmup=1, repeats=1), device="cpu", passes=(which,), log=QUIET)
+    assert frame["kernel"].tolist() == [kernel] and frame["kernel_backend"].tolist() == ["keyred-torch"]
+
+
+def test_a_gated_backward_that_fla_refuses_on_hopper_is_refused_before_work(monkeypatch):
+    import fla.utils
+
+    monkeypatch.setattr(fla.utils, "IS_NVIDIA_HOPPER", True)
+    monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_4_0", True)
+    monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_7_1", False)
+    with pytest.raises(BenchmarkError, match="fla refuses the gated backward on Hopper GPUs with triton .* "
+                                             "install triton >= 3.7.1 or measure --passes forward"):
+        benchmark_mixers([tiny("gated_deltanet")], batch=1, seq_len=8, timing=QUICK, device="cuda",
+                         passes=("forward+backward",), log=QUIET)
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+DECODE_SHAPES = [tiny(family, key_dim, value_dim=32, heads=2) for family in ("delta_net", "gated_deltanet")
+                 for key_dim in (32, 16)]
+
+
+@pytest.fixture(scope="module")
+def decode_table():
+    sources = [shape_source(shape) for shape in DECODE_SHAPES]
+    return benchmark_decoding(sources, batches=(1, 3), prompt_len=5, steps=4, timing=QUICK, device="cpu",
+                              log=QUIET)
+
+
+def test_decode_benchmark_table(decode_table):
+    check_table(decode_table, extra=("prompt_len", "state_bytes_per_seq", "recurrent_state_bytes_per_seq",
+                                     "conv_state_bytes_per_seq"))
+    assert len(decode_table) == 8 and (decode_table["pass"] == "decode").all()
+    assert (decode_table["seq_len"] == 4).all() and (decode_table["prompt_len"] == 5).all()
+    assert set(decode_table["kernel"]) == {"fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule"}
+
+
+def test_state_bytes_from_the_cache_equal_the_closed_form(decode_table):
+    conv_size, element = 4, 4  # the tiny shapes' short convs; float32 on CPU
+    for _, row in decode_table.iterrows():
+        layers, heads, d_k, d_v = row["num_layers"], row["num_heads"], row["d_k"], row["d_v"]
+        assert row["recurrent_state_bytes_per_seq"] == layers * heads * d_k * d_v * 4
+        assert row["conv_state_bytes_per_seq"] == layers * (2 * heads * d_k + heads * d_v) * conv_size * element
+        assert row["state_bytes_per_seq"] == row["recurrent_state_bytes_per_seq"] + row["conv_state_bytes_per_seq"]
+    recurrent = decode_table.groupby(["family", "d_k"])["recurrent_state_bytes_per_seq"].agg(["min", "max"])
+    assert (recurrent["min"] == recurrent["max"]).all()          # the same for every batch size
+    for family in ("delta_net", "gated_deltanet"):
+        assert recurrent.loc[(family, 32), "min"] == 2 * recurrent.loc[(family, 16), "min"]  # exactly d_k
+
+
+# ------------------------------------------------------------------------------------- plots
+
+def is_png(path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_key_dim_scaling_plot(mixer_table, decode_table, tmp_path):
+    ratios = figures.key_dim_ratios(pd.concat([mixer_table, decode_table]), reference_key_dim=16)
+    reference = ratios[ratios["d_k"] == 16]
+    assert np.allclose(reference["speedup"], 1) and np.allclose(reference["memory_ratio"].dropna(), 1)
+    decode = ratios[(ratios["kind"] == "decode") & (ratios["d_k"] == 32)]
+    assert (decode["memory_measure"] == "state_bytes_per_seq").all() and (decode["memory_ratio"] > 1).all()
+    figures.plot_key_dim_scaling(mixer_table, decode_table, tmp_path / "scaling.png", reference_key_dim=16)
+    figures.plot_key_dim_scaling(None, decode_table, tmp_path / "decode.png", reference_key_dim=16)
+    assert is_png(tmp_path / "scaling.png") and is_png(tmp_path / "decode.png")
+    with pytest.raises(ValueError, match="no d_k = 128 row to compare with"):
+        figures.key_dim_ratios(decode_table, reference_key_dim=128)
+
+
+def test_pareto_front():
+    points = pd.DataFrame({"speed": [1.0, 2.0, 3.0, 3.0, 0.5], "loss": [1.0, 1.5, 2.0, 2.5, 0.9]})
+    assert figures.pareto_front(points, "speed", "loss").index.tolist() == [4, 0, 1, 2]
+    assert figures.pareto_front(points, "speed", "loss", higher_is_better=True).index.tolist() == [3]
+
+
+def test_quality_vs_speed_plot(model_table, tmp_path):
+    quality = pd.DataFrame([
+        dict(model="tiny", method="none", ratio=0.0, stage="unpruned", value=2.0),
+        dict(model="tiny", method="l1", ratio=0.5, stage="pruned", value=3.0),
+        dict(model="tiny", method="l1", ratio=0.5, stage="lora", value=2.4),
+    ]).assign(task="heldout_perplexity", metric="bits_per_byte", n=10)
+    joined = figures.speed_quality_table(model_table, quality)
+    assert sorted(zip(joined["method"], joined["stage"], joined["value"])) == [("l1", "lora", 2.4),
+                                                                               ("none", "unpruned", 2.0)]
+    assert np.isfinite(joined["tokens_per_s"]).all()
+    figures.plot_quality_vs_speed(model_table, quality, tmp_path / "pareto.png")
+    assert is_png(tmp_path / "pareto.png")
+    with pytest.raises(ValueError, match="no \\(model, method, ratio\\) in both tables"):
+        figures.speed_quality_table(model_table, quality.assign(model="other"))
+    assert math.isclose(joined["ratio"].max(), 0.5)
