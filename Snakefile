@@ -6,6 +6,9 @@
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
@@ -13,6 +16,8 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/reduction.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/state_tracking.smk"
+include: "workflow/rules/benchmarks.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:
@@ -38,25 +43,48 @@ rule models:
 rule training_loss:
     """The training-loss table and figure."""
     input:
-        path("tables", "training_loss.csv"),
-        path("figures", "training_loss.png"),
+        outputs_of("table_training_loss", "fig_training_loss"),
 
 
 rule evaluation:
     """Every language model's lm-eval results (one tidy table) and its length extrapolation."""
     input:
-        evaluation_targets(),
+        outputs_of("table_evaluation", "table_length_extrapolation", "fig_length_extrapolation"),
 
 
 rule reduction:
     """Key reduction of every model x method x ratio, before and after LoRA: table and figure."""
     input:
-        reduction_targets(),
+        outputs_of("table_reduction", "fig_reduction"),
 
 
 rule state_tracking:
     """The state-tracking sweep: tables, accuracy-vs-length figure per group, outcome grid."""
     input:
-        path("tables", "state_tracking_summary.csv"),
-        path("tables", "state_tracking_curves.csv"),
-        tracking_figures(),
+        outputs_of("table_state_tracking_summary", "table_state_tracking_curves", "fig_state_tracking_accuracy",
+                   "fig_state_tracking_outcomes"),
+
+
+rule benchmarks:
+    """Speed and memory: mixer scaling and decoding vs d_k, whole-model forward of every reduced model."""
+    input:
+        outputs_of("table_bench_mixer", "table_bench_decode", "fig_key_dim_scaling", "table_bench_models",
+                   "fig_quality_vs_speed"),
+
+
+rule state_rank:
+    """State-rank analysis of the reduced language models and of the state-tracking runs."""
+    input:
+        outputs_of("table_state_rank", "fig_state_rank_over_time", "fig_state_rank_heatmap",
+                   "fig_state_rank_vs_perplexity", "table_state_tracking_rank", "fig_state_tracking_rank"),
+
+
+# One named target per figure and table (`snakemake <name>`); README lists them, the report
+# captions are workflow/report/<name>.rst.
+for _name, (_category, _paths) in REPORTED.items():
+
+    rule:
+        name:
+            _name
+        input:
+            _paths,

@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from keyred.bench import capture_cuda_graph
+
 
 def cuda_median_ms(fn, warmup: int, repeats: int) -> float:
     """Median milliseconds of fn() measured with CUDA events."""
@@ -57,20 +59,6 @@ def op_inputs(batch, seq_len, heads, d_k, d_v, gated):
     for t in (q, k, v, beta):
         t.requires_grad_(True)
     return q, k, v, beta, g
-
-
-def cuda_graph(fn):
-    """fn captured in a CUDA graph (after a warm-up on a side stream): replaying it has no host overhead."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
 
 
 def decode_cases(args, d_k):
@@ -132,7 +120,7 @@ def cases(args):
             with torch.no_grad():
                 return layer(x)
         yield "DeltaNet layer fwd (eager)", d_k, B, layer_fwd
-        yield "DeltaNet layer fwd (CUDA graph)", d_k, B, cuda_graph(layer_fwd)
+        yield "DeltaNet layer fwd (CUDA graph)", d_k, B, capture_cuda_graph(layer_fwd).replay
         if args.model:
             model = build_13b(d_k, args)
             ids = torch.randint(0, model.config.vocab_size, (B, T), device="cuda")

@@ -789,7 +789,7 @@ def measure_decoding(model, prompt, steps: int, timing: Timing, device: str,
                         step()
             return decode
         with torch.no_grad(), record_kernels() as calls:
-            graph = _capture(step)
+            graph = capture_cuda_graph(step)
         last["kernels"] = tuple(calls)
 
         def replay():
@@ -804,7 +804,7 @@ def measure_decoding(model, prompt, steps: int, timing: Timing, device: str,
     return result, cache_state_bytes(last["cache"])
 
 
-def _capture(call: Callable[[], object]):
+def capture_cuda_graph(call: Callable[[], object]):
     """call() captured in a CUDA graph, after three eager calls on a side stream (as torch asks)."""
     import torch
 

@@ -178,6 +178,15 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
 RANK_KEYS = ["model", "method", "ratio", "stage"]
 
 
+def rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
+    """Mean stable rank, utilisation and effective rank over the tokens of a keyred.analysis table,
+    per checkpoint (RANK_KEYS), layer and head, with d_k, d_v and the number of tokens measured."""
+    keys = RANK_KEYS + ["layer", "head", "d_k", "d_v"]
+    grouped = ranks.groupby(keys, sort=True)
+    return grouped[["stable_rank", "utilisation", "effective_rank"]].mean().join(
+        grouped["step"].count().rename("steps")).reset_index()
+
+
 def _rank_label(method: str, ratio: float, stage: str) -> str:
     """Legend text of one checkpoint within a model: 'unpruned' or e.g. 'l1 0.5 (lora)'."""
     return stage if method == "none" else f"{method} {ratio:g} ({stage})"
@@ -312,12 +321,14 @@ def key_dim_ratios(bench: pd.DataFrame, reference_key_dim: int = 128) -> pd.Data
     d_k (e.g. several reduction methods) are reduced to their median first.
 
     speedup = tokens/s over the reference's; memory_ratio = state bytes per sequence (decode rows)
-    or peak memory (model and mixer rows) over the reference's; memory_measure names which.
+    or peak GPU memory (model and mixer rows; NaN for a CPU's process-RSS delta, which does not
+    measure the tensors) over the reference's; memory_measure names which.
     A configuration without the reference d_k is a ValueError.
     """
     if bench.empty:
         raise ValueError("no benchmark rows")
-    frame = bench.assign(memory=bench["state_bytes_per_seq"].where(bench["kind"] == "decode", bench["peak_mem_bytes"]),
+    peak = bench["peak_mem_bytes"].where(bench["peak_mem_kind"] == "cuda_max_allocated")
+    frame = bench.assign(memory=bench["state_bytes_per_seq"].where(bench["kind"] == "decode", peak),
                          memory_measure=bench["kind"].map(lambda kind: "state_bytes_per_seq" if kind == "decode"
                                                           else "peak_mem_bytes"))
     keys = [column for column in BENCH_CONFIG_COLUMNS if column in frame.columns]

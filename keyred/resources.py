@@ -7,10 +7,12 @@ local run uses them only to schedule (`--resources gpu=N`).
     job_resources("train", size="340M", family="delta_net", device="cuda", gpus=8, threads=8)
     -> {"mem_mb": 256000, "runtime": 1440, "gpu": 8, "cpus_per_gpu": 8}
 
-Stages: `train`, `evaluate` and `reduce` scale with the model's named size (and Gated
+Stages: `train`, `evaluate`, `reduce`, `bench` (whole-model forward of a model and its reduced
+checkpoints) and `analysis` (state rank) scale with the model's named size (and Gated
 DeltaProduct, with its Householder steps, gets twice the time); `state_tracking` runs the small
-word-problem models; `data` (corpus, tokenizer, packing) scales with the corpus token budget;
-`tables` (tables and figures) is small. Only the model stages and state tracking ask for a GPU,
+word-problem models and `bench_shapes` the random-weight mixer and decoding benchmarks; `data`
+(corpus, tokenizer, packing) scales with the corpus token budget; `tables` (tables and figures)
+is small. Only the model stages, state tracking and bench_shapes ask for a GPU,
 and only with device `cuda` (on `cpu` and `auto` they ask for none). Memory is host memory
 per process: a training job with N GPUs runs N processes. The numbers are generous estimates;
 a cluster profile overrides any of them per rule (`set-resources`).
@@ -23,8 +25,9 @@ A training job longer than its wall time is stopped by SLURM, retried by Snakema
 from __future__ import annotations
 
 SIZES = ("tiny", "small", "340M", "1.3B")  # keyred.models.SIZES (this module imports nothing heavy)
-MODEL_STAGES = ("train", "evaluate", "reduce")
-STAGES = MODEL_STAGES + ("state_tracking", "data", "tables")
+MODEL_STAGES = ("train", "evaluate", "reduce", "bench", "analysis")
+SHAPE_STAGES = ("state_tracking", "bench_shapes")  # GPU jobs on small models of their own
+STAGES = MODEL_STAGES + SHAPE_STAGES + ("data", "tables")
 KEYS = ("mem_mb", "runtime", "gpu", "cpus_per_gpu")  # what job_resources returns
 
 # (host memory in MB per process, wall time in minutes) by stage and named model size.
@@ -32,10 +35,13 @@ MODEL_TABLE = {
     "train": {"tiny": (4000, 60), "small": (16000, 240), "340M": (32000, 1440), "1.3B": (64000, 1440)},
     "evaluate": {"tiny": (4000, 30), "small": (8000, 60), "340M": (16000, 240), "1.3B": (32000, 480)},
     "reduce": {"tiny": (4000, 60), "small": (16000, 240), "340M": (32000, 720), "1.3B": (64000, 1440)},
+    "bench": {"tiny": (4000, 30), "small": (8000, 60), "340M": (16000, 120), "1.3B": (32000, 240)},
+    "analysis": {"tiny": (4000, 30), "small": (8000, 60), "340M": (16000, 60), "1.3B": (32000, 120)},
 }
 SLOW_FAMILIES = {"gated_deltaproduct": 2}  # wall-time factor (n_h = 2 Householder steps per token)
 TRAIN_RUNTIME_LIMIT = 1440  # minutes; a longer training resumes in the next attempt
 STATE_TRACKING = (8000, 240)
+BENCH_SHAPES = (32000, 120)  # random-weight mixers and decoding models up to the 1.3B shape
 TABLES = (4000, 30)
 # Corpus, tokenizer and packing hold the text in memory (about 4 bytes per token, twice over
 # while tokenising) and stream it from the hub at roughly 20M tokens a minute.
@@ -70,6 +76,8 @@ def job_resources(stage: str, *, size: str | None = None, family: str | None = N
             runtime = min(runtime, TRAIN_RUNTIME_LIMIT)
     elif stage == "state_tracking":
         mem_mb, runtime = STATE_TRACKING
+    elif stage == "bench_shapes":
+        mem_mb, runtime = BENCH_SHAPES
     elif stage == "data":
         mem_mb, runtime = DATA_BASE
         if token_budget:
@@ -77,7 +85,7 @@ def job_resources(stage: str, *, size: str | None = None, family: str | None = N
             runtime += -(-token_budget // DATA_TOKENS_PER_MINUTE)
     else:
         mem_mb, runtime = TABLES
-    on_gpu = device == "cuda" and stage in MODEL_STAGES + ("state_tracking",)
+    on_gpu = device == "cuda" and stage in MODEL_STAGES + SHAPE_STAGES
     return {
         "mem_mb": mem_mb * (processes if on_gpu else 1),
         "runtime": runtime,

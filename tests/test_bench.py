@@ -252,6 +252,7 @@ def test_key_dim_scaling_plot(mixer_table, decode_table, tmp_path):
     assert np.allclose(reference["speedup"], 1) and np.allclose(reference["memory_ratio"].dropna(), 1)
     decode = ratios[(ratios["kind"] == "decode") & (ratios["d_k"] == 32)]
     assert (decode["memory_measure"] == "state_bytes_per_seq").all() and (decode["memory_ratio"] > 1).all()
+    assert ratios.loc[ratios["kind"] == "mixer", "memory_ratio"].isna().all()  # a CPU RSS delta is no tensor memory
     figures.plot_key_dim_scaling(mixer_table, decode_table, tmp_path / "scaling.png", reference_key_dim=16)
     figures.plot_key_dim_scaling(None, decode_table, tmp_path / "decode.png", reference_key_dim=16)
     assert is_png(tmp_path / "scaling.png") and is_png(tmp_path / "decode.png")

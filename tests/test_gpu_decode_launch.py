@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.gpu,
 
 from fla.ops.delta_rule import fused_recurrent_delta_rule  # noqa: E402
 
-from keyred.bench import _capture  # noqa: E402
+from keyred.bench import capture_cuda_graph  # noqa: E402
 from keyred.kernels.decode_launch import decode_launch  # noqa: E402
 from keyred.models import build_model  # noqa: E402
 
@@ -69,12 +69,12 @@ def test_graph_replayed_decoding_equals_eager_decoding():
         logits = torch.empty_like(eager[0])
         position = {"t": 0}
 
-        def step():  # the three warm-up calls of _capture decode tokens 0, 1, 2 eagerly
+        def step():  # the three warm-up calls of capture_cuda_graph decode tokens 0, 1, 2 eagerly
             logits.copy_(model(input_ids=ids, past_key_values=cache, use_cache=True).logits)
             position["t"] += 1
             ids.copy_(forced[:, min(position["t"], forced.shape[1] - 1)].unsqueeze(1))
 
-        graph = _capture(step)  # warm-up steps ran; the captured step itself has not
+        graph = capture_cuda_graph(step)  # warm-up steps ran; the captured step itself has not
         assert position["t"] == 4  # 3 warm-up calls and the capture call (recorded, not run)
         replayed = []
         for t in range(3, forced.shape[1]):

@@ -2,7 +2,7 @@
 import pytest
 
 from keyred import models
-from keyred.resources import KEYS, MODEL_STAGES, SIZES, STAGES, job_resources
+from keyred.resources import KEYS, MODEL_STAGES, SHAPE_STAGES, SIZES, STAGES, job_resources
 
 
 def test_sizes_are_the_model_sizes():
@@ -18,7 +18,7 @@ def test_model_stages_grow_with_model_size(stage):
     assert all(r["gpu"] == 1 for r in asked)
 
 
-@pytest.mark.parametrize("stage", MODEL_STAGES + ("state_tracking",))
+@pytest.mark.parametrize("stage", MODEL_STAGES + SHAPE_STAGES)
 def test_gpu_stages_ask_for_no_gpu_off_cuda(stage):
     for device in ("cpu", "auto"):
         asked = job_resources(stage, size="tiny", device=device, gpus=4, threads=2)

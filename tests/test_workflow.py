@@ -1,9 +1,12 @@
-"""The Snakemake DAG: dry runs, config errors before any job, the whole default run, reruns."""
+"""The Snakemake DAG: dry runs, config errors before any job, the whole default run, reruns, the
+HTML report in headless Chromium."""
+import base64
 import os
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -65,7 +68,35 @@ def test_dry_run_lists_exactly_the_expected_jobs(workdir):
                                            "training_loss_table": 1, "evaluate_lm": 2, "evaluation_tables": 1,
                                            "reduce": 14, "reduction_tables": 1,
                                            "state_tracking_run": 8, "state_tracking_tables": 1,
-                                           "state_tracking_figures": 1, "all": 1, "total": 35}
+                                           "state_tracking_figures": 1, "bench_mixer": 1, "bench_decode": 1,
+                                           "bench_models": 2, "bench_tables": 1, "state_rank_model": 16,
+                                           "state_rank_tables": 1, "state_tracking_rank": 1,
+                                           "state_tracking_rank_figure": 1, "all": 1, "total": 59}
+
+
+def figure_and_table_targets(workdir) -> list[str]:
+    """The one-per-figure-and-table targets (fig_*, table_*) of the default config."""
+    rules = snakemake(workdir, "--list-rules").stdout.split()
+    return [rule for rule in rules if rule.startswith(("fig_", "table_"))]
+
+
+def test_every_figure_and_table_has_a_target_a_caption_and_a_readme_line(workdir):
+    targets = figure_and_table_targets(workdir)
+    assert len(targets) == 22
+    readme = (REPO / "README.md").read_text()
+    captions = {path.stem for path in (REPO / "workflow" / "report").glob("*.rst")} - {"workflow"}
+    assert captions == set(targets)
+    for target in targets:
+        assert f"| `{target}` |" in readme, f"README lists no line for {target}"
+    jobs = planned_jobs(snakemake(workdir, "-n", "--cores", "2", "fig_key_dim_scaling").stdout)
+    assert jobs["fig_key_dim_scaling"] == 1 and jobs["bench_tables"] == 1 and jobs["bench_mixer"] == 1
+    assert "state_rank_model" not in jobs and "state_tracking_run" not in jobs
+
+
+def test_analysis_ratio_must_be_a_reduced_ratio(workdir):
+    name = write_yaml(workdir / "bad_ratio.yaml", {"analysis": {"ratio": 0.3}})
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
+    assert result.returncode != 0 and "'analysis.ratio': 0.3 is not one of reduction.ratios" in result.stdout + result.stderr
 
 
 def test_named_target_plans_only_its_jobs(workdir):
@@ -176,6 +207,24 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
             assert run["seq_acc_at_train_length"] < 0.5 and run["longest_solved"] < run["train_length"], run
     for figure in ("state_tracking_S3.png", "state_tracking_outcomes.png"):
         assert (results / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
+    # speed and memory: every key dim, the state exactly proportional to d_k, every reduced checkpoint
+    decode = pd.read_csv(results / "tables" / "bench_decode.csv")
+    mixer = pd.read_csv(results / "tables" / "bench_mixer.csv")
+    assert sorted(decode["d_k"].unique()) == sorted(mixer["d_k"].unique()) == [32, 64, 128]
+    state = decode.groupby("d_k")["recurrent_state_bytes_per_seq"].first()
+    assert state[128] == 2 * state[64] == 4 * state[32] == 2 * 2 * 128 * 128 * 4  # layers x heads x d_k x d_v x 4
+    assert len(mixer) == 2 * 3 * 2 and (mixer["tokens_per_s"] > 0).all()
+    models = pd.read_csv(results / "tables" / "bench_models.csv")
+    assert len(models) == 2 * (1 + 7 * 3) and (models["tokens_per_s"] > 0).all()
+    # state rank: every analysed checkpoint, utilisation in [0, 1]
+    ranks = pd.read_csv(results / "tables" / "state_rank_summary.csv")
+    assert len(ranks.groupby(["model", "method", "ratio", "stage"])) == 2 * (1 + 7 * 3)
+    assert ranks["utilisation"].between(0, 1).all() and (ranks["effective_rank"] >= 1).all()
+    tracking_ranks = pd.read_csv(results / "tables" / "state_tracking_rank.csv")
+    assert tracking_ranks["checkpoint"].nunique() == 8
+    for figure in ("key_dim_scaling.png", "quality_vs_speed.png", "state_rank_over_time.png",
+                   "state_rank_heatmap.png", "state_rank_vs_perplexity.png", "state_tracking_rank.png"):
+        assert (results / "figures" / figure).read_bytes()[:4] == b"\x89PNG"
     assert not list(results.rglob("*.tmp")), "temporary files left behind"
 
     # nothing changed: nothing to do
@@ -185,8 +234,9 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
                       {"models": {"gated_deltanet_tiny": {"family": "gated_deltanet", "size": "small"}}})
     result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name)
     assert planned_jobs(result.stdout) == {"train_lm": 1, "training_loss_table": 1, "evaluate_lm": 1,
-                                           "evaluation_tables": 1, "reduce": 7, "reduction_tables": 1, "all": 1,
-                                           "total": 13}
+                                           "evaluation_tables": 1, "reduce": 7, "reduction_tables": 1,
+                                           "bench_models": 1, "bench_tables": 1, "state_rank_model": 8,
+                                           "state_rank_tables": 1, "all": 1, "total": 24}
     assert "model=gated_deltanet_tiny" in result.stdout and "model=deltanet_tiny" not in result.stdout
     # a code change of one stage re-runs only that stage
     figures = workdir / "keyred" / "figures.py"
@@ -194,4 +244,65 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
     result = snakemake(workdir, "-n", "--cores", "2")
     assert planned_jobs(result.stdout) == {"training_loss_table": 1, "evaluation_tables": 1,
                                            "reduction_tables": 1, "state_tracking_tables": 1,
-                                           "state_tracking_figures": 1, "all": 1, "total": 6}
+                                           "state_tracking_figures": 1, "bench_tables": 1, "state_rank_tables": 1,
+                                           "state_tracking_rank_figure": 1, "all": 1, "total": 9}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def chromium(page, *options, user_data):
+    """Run headless Chromium on a local page (JavaScript runs for up to 10 virtual seconds)."""
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+               f"--user-data-dir={user_data}", "--virtual-time-budget=10000", *options, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def show_result(report_html: str, key: str) -> str:
+    """The report with a script that opens one result as a click on it would (the report's own app)."""
+    script = (f"<script>setTimeout(function () {{ app.setView({{content: 'img', "
+              f"contentPath: results[{key!r}].data_uri, resultPath: {key!r}}}); }}, 500);</script>")
+    head, body_end, tail = report_html.rpartition("</body>")  # the page's own end (the scripts hold others)
+    return head + script + body_end + tail
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium)")
+def test_report_renders_every_figure_in_chromium(workdir, tmp_path):
+    """snakemake --report on the default run: every figure and table is in the self-contained HTML,
+    and headless Chromium shows each figure (its PNG bytes in an <img>; screenshots saved)."""
+    results = workdir / "results"
+    if not (results / "tables" / "reduction.csv").exists():  # the end-to-end test ran first, normally
+        snakemake(workdir, "--cores", "2")
+    report = results / "report.html"
+    snakemake(workdir, "--report", str(report))
+    html = report.read_text()
+    outputs = [line.split("`")[3].replace("<group>", "*") for line in (REPO / "README.md").read_text().splitlines()
+               if line.startswith(("| `fig_", "| `table_"))]
+    assert len(outputs) == 22
+    figures = []
+    for output in outputs:
+        for file in results.glob(output):
+            figures += [file] if file.suffix == ".png" else []
+            assert file.name in html, f"{file} is not in the report"
+            if file.suffix == ".png":
+                assert base64.b64encode(file.read_bytes()).decode()[:2000] in html, f"{file}'s image is not embedded"
+    assert "Speed and memory" in html and "State rank" in html and "is exactly proportional to d_k" in html
+
+    screenshots = results / "report_screenshots"
+    screenshots.mkdir(exist_ok=True)
+    rendered = chromium(report, "--dump-dom", user_data=tmp_path / "chromium")
+    assert rendered.returncode == 0, rendered.stderr
+    assert "Snakemake" in rendered.stdout and "Speed and memory" in rendered.stdout  # the app drew its menu
+    keys = re.findall(r'"(results/figures/[^"]+\.png)": \{"name"', html)
+    assert sorted(keys) == sorted(str(file.relative_to(workdir)) for file in figures)
+    for key in keys:
+        page = tmp_path / "page.html"
+        page.write_text(show_result(html, key))
+        dom = chromium(page, "--dump-dom", user_data=tmp_path / "chromium").stdout
+        image = base64.b64encode((workdir / key).read_bytes()).decode()
+        assert re.search(r'<img[^>]+src="data:image/png;[^"]*base64,' + re.escape(image[:200]), dom), \
+            f"Chromium does not show {key}"
+        shot = screenshots / Path(key).name
+        chromium(page, f"--screenshot={shot}", "--window-size=1400,1000", user_data=tmp_path / "chromium")
+        assert shot.stat().st_size > 20_000, f"screenshot of {key} looks blank"

@@ -39,6 +39,14 @@ for _name in REDUCED_MODELS:
                             f"allowed: {', '.join(MODELS)}")
 
 
+# State-rank analysis: the ratio its over-time and heatmap figures show must be one that is reduced.
+ANALYSIS = config["analysis"]
+if REDUCTION["methods"] and ANALYSIS["ratio"] not in REDUCTION["ratios"]:
+    raise WorkflowError(f"config key 'analysis.ratio': {ANALYSIS['ratio']} is not one of reduction.ratios "
+                        f"({', '.join(map(str, REDUCTION['ratios']))})")
+BENCH = config["bench"]
+
+
 # State-tracking sweep: eigenvalue ranges by path-friendly name.
 EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
 TRACKING = config["state_tracking"]
@@ -106,26 +114,28 @@ def reduction_spec():
                       sort_keys=True)
 
 
-def reduction_targets():
-    return [path("tables", "reduction.csv"), path("figures", "reduction.png")] if REDUCTION["methods"] else []
-
-
 def tracking_run(*parts):
     """One run of the state-tracking sweep (wildcards group, n_h, eig, layers, seed)."""
     return path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}", "seed{seed}", *parts)
 
 
-def tracking_runs(name):
-    """`name` of every run of the sweep."""
+def tracking_runs(name, template=None):
+    """`name` of every run of the sweep (or `template` filled in for every run, in the same order)."""
     eig_names = {value: key for key, value in EIGENVALUE_RANGES.items()}
     return expand(
-        tracking_run(name),
+        template or tracking_run(name),
         group=TRACKING_GROUPS,
         n_h=TRACKING["num_householder"],
         eig=[eig_names[r] for r in TRACKING["eigenvalue_ranges"]],
         layers=TRACKING["layers"],
         seed=TRACKING["seeds"],
     )
+
+
+def tracking_run_names():
+    """A name per run of the sweep, in the order of tracking_runs: group, model (e.g. DP_2[-1,1]) and layers."""
+    runs = tracking_runs(None, "{group}_DP_{n_h}_{eig}_L{layers} {seed}")  # with the seed: expand drops repeats
+    return [run.split(" ")[0].replace("_pos", "[0,1]").replace("_neg", "[-1,1]") for run in runs]
 
 
 def tracking_spec(wildcards):
@@ -135,26 +145,99 @@ def tracking_spec(wildcards):
     return json.dumps(spec, sort_keys=True)
 
 
-def evaluation_targets():
-    return [path("tables", "evaluation.csv"), path("tables", "length_extrapolation.csv"),
-            path("figures", "length_extrapolation.png")]
+def bench_path(*parts):
+    return path("bench", *parts)
 
 
-def tracking_figures():
-    return [path("figures", f"state_tracking_{group}.png") for group in TRACKING_GROUPS] + [
-        path("figures", "state_tracking_outcomes.png")
-    ]
+def bench_spec():
+    """Exactly the config values a benchmark job reads (a rule param)."""
+    return json.dumps(BENCH, sort_keys=True)
+
+
+def analysis_path(*parts):
+    return path("analysis", *parts)
+
+
+def analysed_checkpoints(wildcards, input):
+    """--checkpoint options of one state_rank job: every ratio's checkpoint (analysis.stage) of one
+    reduce output folder, or the unpruned model."""
+    if wildcards.method == "unpruned":
+        return f"--checkpoint {input.checkpoint}"
+    return " ".join(f"--checkpoint {input.checkpoint}/ratio{ratio}/{ANALYSIS['stage']}"
+                    for ratio in REDUCTION["ratios"])
+
+
+def state_rank_runs():
+    """The rank table of each reduced model unpruned and of each of its reduction methods."""
+    methods = ["unpruned"] + list(REDUCTION["methods"])
+    return expand(analysis_path("{model}", "{method}.csv"), model=REDUCED_MODELS, method=methods)
+
+
+# Every figure and table: name (its Snakemake target and its report caption
+# workflow/report/<name>.rst) -> (report category, output paths). The README lists each.
+def reported_outputs():
+    outputs = {
+        "table_training_loss": ("Language models", [path("tables", "training_loss.csv")]),
+        "fig_training_loss": ("Language models", [path("figures", "training_loss.png")]),
+        "table_evaluation": ("Language models", [path("tables", "evaluation.csv")]),
+        "table_length_extrapolation": ("Language models", [path("tables", "length_extrapolation.csv")]),
+        "fig_length_extrapolation": ("Language models", [path("figures", "length_extrapolation.png")]),
+        "table_state_tracking_summary": ("State tracking", [path("tables", "state_tracking_summary.csv")]),
+        "table_state_tracking_curves": ("State tracking", [path("tables", "state_tracking_curves.csv")]),
+        "fig_state_tracking_accuracy": ("State tracking", [path("figures", f"state_tracking_{group}.png")
+                                                               for group in TRACKING_GROUPS]),
+        "fig_state_tracking_outcomes": ("State tracking", [path("figures", "state_tracking_outcomes.png")]),
+        "table_bench_mixer": ("Speed and memory", [path("tables", "bench_mixer.csv")]),
+        "table_bench_decode": ("Speed and memory", [path("tables", "bench_decode.csv")]),
+        "fig_key_dim_scaling": ("Speed and memory", [path("figures", "key_dim_scaling.png")]),
+    }
+    if REDUCTION["methods"]:
+        outputs |= {
+            "table_reduction": ("Key reduction", [path("tables", "reduction.csv")]),
+            "fig_reduction": ("Key reduction", [path("figures", "reduction.png")]),
+            "table_bench_models": ("Speed and memory", [path("tables", "bench_models.csv")]),
+            "fig_quality_vs_speed": ("Speed and memory", [path("figures", "quality_vs_speed.png")]),
+            "table_state_rank": ("State rank", [path("tables", "state_rank_summary.csv")]),
+            "fig_state_rank_over_time": ("State rank", [path("figures", "state_rank_over_time.png")]),
+            "fig_state_rank_heatmap": ("State rank", [path("figures", "state_rank_heatmap.png")]),
+            "fig_state_rank_vs_perplexity": ("State rank", [path("figures", "state_rank_vs_perplexity.png")]),
+        }
+    if ANALYSIS["state_tracking"]:
+        outputs |= {
+            "table_state_tracking_rank": ("State rank", [path("tables", "state_tracking_rank.csv")]),
+            "fig_state_tracking_rank": ("State rank", [path("figures", "state_tracking_rank.png")]),
+        }
+    return outputs
+
+
+REPORTED = reported_outputs()
+
+
+def reported(name, index=0):
+    """Output `index` of the figure or table `name`, flagged for the HTML report with its caption."""
+    category, paths = REPORTED[name]
+    return report(paths[index], caption=os.path.join(workflow.basedir, "workflow", "report", f"{name}.rst"),
+                  category=category, labels={"name": name, "file": os.path.basename(paths[index])})
+
+
+def reported_all(name):
+    """Every output of the figure or table `name`, flagged for the report (see reported)."""
+    return [reported(name, index) for index in range(len(REPORTED[name][1]))]
+
+
+def output_of(name):
+    """The one output path of the figure or table `name`."""
+    (output,) = REPORTED[name][1]
+    return output
+
+
+def outputs_of(*names):
+    """The output paths of the figures and tables `names` (those the config produces)."""
+    return [output for name in names if name in REPORTED for output in REPORTED[name][1]]
 
 
 def all_targets():
-    return (
-        checkpoints()
-        + [path("tables", "training_loss.csv"), path("figures", "training_loss.png")]
-        + evaluation_targets()
-        + reduction_targets()
-        + [path("tables", "state_tracking_summary.csv"), path("tables", "state_tracking_curves.csv")]
-        + tracking_figures()
-    )
+    return checkpoints() + [output for _, paths in REPORTED.values() for output in paths]
 
 
 # Cluster resources, from the one table in keyred.resources: every rule's `resources:` is

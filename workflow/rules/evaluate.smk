@@ -35,9 +35,9 @@ rule evaluation_tables:
         results=expand(model_path("{model}", "evaluation.csv"), model=MODELS),
         extrapolation=expand(model_path("{model}", "length_extrapolation.csv"), model=MODELS),
     output:
-        results=path("tables", "evaluation.csv"),
-        extrapolation=path("tables", "length_extrapolation.csv"),
-        figure=path("figures", "length_extrapolation.png"),
+        results=reported("table_evaluation"),
+        extrapolation=reported("table_length_extrapolation"),
+        figure=reported("fig_length_extrapolation"),
     params:
         context=config["train"]["seq_len"],
         code=code_digest("keyred.figures"),

@@ -5,8 +5,8 @@ rule training_loss_table:
     input:
         expand(model_path("{model}", "train_loss.csv"), model=MODELS),
     output:
-        table=path("tables", "training_loss.csv"),
-        figure=path("figures", "training_loss.png"),
+        table=reported("table_training_loss"),
+        figure=reported("fig_training_loss"),
     params:
         code=code_digest("keyred.figures"),
     resources:

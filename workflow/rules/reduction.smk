@@ -36,8 +36,8 @@ rule reduction_tables:
         reduced=reduction_runs(),
         baselines=expand(model_path("{model}", "evaluation.csv"), model=REDUCED_MODELS),
     output:
-        table=path("tables", "reduction.csv"),
-        figure=path("figures", "reduction.png"),
+        table=reported("table_reduction"),
+        figure=reported("fig_reduction"),
     params:
         code=code_digest("keyred.figures"),
     resources:

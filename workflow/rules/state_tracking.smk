@@ -29,8 +29,8 @@ rule state_tracking_tables:
         curves=tracking_runs("curve.csv"),
         summaries=tracking_runs("summary.csv"),
     output:
-        curves=path("tables", "state_tracking_curves.csv"),
-        summary=path("tables", "state_tracking_summary.csv"),
+        curves=reported("table_state_tracking_curves"),
+        summary=reported("table_state_tracking_summary"),
     params:
         code=code_digest("keyred.figures"),
     resources:
@@ -43,10 +43,11 @@ rule state_tracking_tables:
 
 rule state_tracking_figures:
     input:
-        curves=path("tables", "state_tracking_curves.csv"),
-        summary=path("tables", "state_tracking_summary.csv"),
+        curves=output_of("table_state_tracking_curves"),
+        summary=output_of("table_state_tracking_summary"),
     output:
-        tracking_figures(),
+        per_group=reported_all("fig_state_tracking_accuracy"),
+        grid=reported("fig_state_tracking_outcomes"),
     params:
         groups=TRACKING_GROUPS,
         code=code_digest("keyred.figures"),

@@ -9,7 +9,6 @@ from keyred.figures import plot_accuracy_vs_length, plot_outcome_grid  # noqa: E
 
 curves = pd.read_csv(snakemake.input.curves)
 summary = pd.read_csv(snakemake.input.summary)
-*per_group, grid = snakemake.output
-for group, figure in zip(snakemake.params.groups, per_group):
+for group, figure in zip(snakemake.params.groups, snakemake.output.per_group):
     plot_accuracy_vs_length(curves, group, figure)
-plot_outcome_grid(summary, grid)
+plot_outcome_grid(summary, snakemake.output.grid)
