@@ -295,7 +295,7 @@ def test_report_renders_every_figure_in_chromium(workdir, tmp_path):
     assert rendered.returncode == 0, rendered.stderr
     assert "Snakemake" in rendered.stdout and "Speed and memory" in rendered.stdout  # the app drew its menu
     keys = re.findall(r'"(results/figures/[^"]+\.png)": \{"name"', html)
-    assert sorted(keys) == sorted(str(file.relative_to(workdir)) for file in figures)
+    assert set(keys) == {str(file.relative_to(workdir)) for file in figures}  # (state_tracking_* matches 3)
     for key in keys:
         page = tmp_path / "page.html"
         page.write_text(show_result(html, key))
