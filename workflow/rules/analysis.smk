@@ -56,7 +56,6 @@ rule state_tracking_rank:
         reported("table_state_tracking_rank"),
     params:
         checkpoints=lambda wildcards, input: " ".join(f"--checkpoint {folder}" for folder in input),
-        names=" ".join(f"--name {name}" for name in tracking_run_names()),
         stride=ANALYSIS["stride"],
         device=config["device"],
         code=code_digest("keyred.analysis"),
@@ -66,7 +65,7 @@ rule state_tracking_rank:
     log:
         log_path("analysis", "state_tracking.log"),
     shell:
-        "{PYTHON} -m keyred.analysis {params.checkpoints} {params.names} --stride {params.stride}"
+        "{PYTHON} -m keyred.analysis {params.checkpoints} --stride {params.stride}"
         " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 

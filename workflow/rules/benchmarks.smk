@@ -9,7 +9,7 @@ rule bench_mixer:
     params:
         shape=BENCH["shape"],
         mixer=BENCH["mixer"],
-        timing=f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}",
+        timing=BENCH_TIMING,
         device=config["device"],
         code=code_digest("keyred.bench"),
     threads: config["threads"]
@@ -31,7 +31,7 @@ rule bench_decode:
         shape=BENCH["shape"],
         decode=BENCH["decode"],
         graph="--cuda-graph" if BENCH["decode"]["cuda_graph"] else "",
-        timing=f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}",
+        timing=BENCH_TIMING,
         device=config["device"],
         code=code_digest("keyred.bench"),
     threads: config["threads"]
@@ -55,7 +55,7 @@ rule bench_models:
         bench_path("models", "{model}.csv"),
     params:
         model=BENCH["model"],
-        timing=f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}",
+        timing=BENCH_TIMING,
         device=config["device"],
         code=code_digest("keyred.bench"),
     threads: config["threads"]

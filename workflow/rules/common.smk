@@ -45,6 +45,7 @@ if REDUCTION["methods"] and ANALYSIS["ratio"] not in REDUCTION["ratios"]:
     raise WorkflowError(f"config key 'analysis.ratio': {ANALYSIS['ratio']} is not one of reduction.ratios "
                         f"({', '.join(map(str, REDUCTION['ratios']))})")
 BENCH = config["bench"]
+BENCH_TIMING = f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}"  # keyred.bench options of every benchmark
 
 
 # State-tracking sweep: eigenvalue ranges by path-friendly name.
@@ -119,23 +120,17 @@ def tracking_run(*parts):
     return path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}", "seed{seed}", *parts)
 
 
-def tracking_runs(name, template=None):
-    """`name` of every run of the sweep (or `template` filled in for every run, in the same order)."""
+def tracking_runs(name):
+    """`name` of every run of the sweep."""
     eig_names = {value: key for key, value in EIGENVALUE_RANGES.items()}
     return expand(
-        template or tracking_run(name),
+        tracking_run(name),
         group=TRACKING_GROUPS,
         n_h=TRACKING["num_householder"],
         eig=[eig_names[r] for r in TRACKING["eigenvalue_ranges"]],
         layers=TRACKING["layers"],
         seed=TRACKING["seeds"],
     )
-
-
-def tracking_run_names():
-    """A name per run of the sweep, in the order of tracking_runs: group, model (e.g. DP_2[-1,1]) and layers."""
-    runs = tracking_runs(None, "{group}_DP_{n_h}_{eig}_L{layers} {seed}")  # with the seed: expand drops repeats
-    return [run.split(" ")[0].replace("_pos", "[0,1]").replace("_neg", "[-1,1]") for run in runs]
 
 
 def tracking_spec(wildcards):
@@ -147,11 +142,6 @@ def tracking_spec(wildcards):
 
 def bench_path(*parts):
     return path("bench", *parts)
-
-
-def bench_spec():
-    """Exactly the config values a benchmark job reads (a rule param)."""
-    return json.dumps(BENCH, sort_keys=True)
 
 
 def analysis_path(*parts):
