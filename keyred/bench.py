@@ -54,6 +54,13 @@ fla layer modules call (LAYER_OPS). `kernel` names the ops the layers requested 
 DeltaNet to fused_recurrent_delta_rule for q_len <= 64, and the gated layers without autograd),
 `kernel_backend` the code that ran them: 'triton' (fla's kernels, CUDA tensors) or 'keyred-torch'
 (keyred.backend's torch kernels off the GPU).
+
+Launch (--kernel-launch, CUDA only): 'keyred' (the default) runs fla's kernels with keyred's
+choices, 'fla' with fla's own, so the two can be compared in one run: DeltaNet's fused-recurrent
+forward through keyred.kernels.decode_launch (an autotuned launch) and DeltaNet's chunked op
+without autograd through keyred.kernels.chunk_launch (chunks of 32 tokens for d_k <= 64). --cuda-graph (mixer forward, decoding) captures the timed call in a CUDA
+graph and replays it: GPU time without Python and launch overhead, which otherwise dominates at
+these layer sizes. The `launch` column says which: e.g. 'cuda-graph, keyred, chunk 32'.
 """
 
 from __future__ import annotations
@@ -76,6 +83,7 @@ from typing import Any
 
 from keyred.cli import add_torch_options, bad_input, progress, torch_device
 from keyred.config import ConfigError
+from keyred.kernels.chunk_launch import chunk_launch, chunk_size_for
 from keyred.kernels.decode_launch import LAUNCHES, decode_launch
 from keyred.models import DEFAULT_VOCAB_SIZE, FAMILIES, SIZES, CheckpointError
 
@@ -709,6 +717,11 @@ def _check_gated_backward(config, device: str, what: str) -> None:
                              f"(< 3.7.1); install triton >= 3.7.1 or measure --passes forward")
 
 
+def _check_launch(kind: str) -> None:
+    if kind not in LAUNCHES:
+        raise BenchmarkError(f"unknown --kernel-launch {kind!r}; allowed: {', '.join(LAUNCHES)}")
+
+
 def _check_size(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BenchmarkError(f"--{name} must be an integer >= 1, got {value!r}")
@@ -729,18 +742,26 @@ def measure_forward(model, tokens, timing: Timing, device: str) -> Measurement:
     return measure(prepare, timing, device)
 
 
-def measure_mixer(layer, hidden, which: str, timing: Timing, device: str, seed: int = 0) -> Measurement:
-    """One layer on hidden states [B, T, D]: 'forward' without grad, or 'forward+backward' (the
-    output's backward with a fixed random gradient, into the parameters and the input)."""
+def measure_mixer(layer, hidden, which: str, timing: Timing, device: str, seed: int = 0,
+                  cuda_graph: bool = False) -> Measurement:
+    """One layer on hidden states [B, T, D]: 'forward' without grad (with cuda_graph replayed from
+    a CUDA graph), or 'forward+backward' (the output's backward with a fixed random gradient,
+    into the parameters and the input)."""
     import torch
 
     if which == "forward":
-        def prepare():
-            def forward():
-                with torch.no_grad():
-                    layer(hidden)
-            return forward
-        return measure(prepare, timing, device)
+        def forward():
+            with torch.no_grad():
+                layer(hidden)
+        if not cuda_graph:
+            return measure(lambda: forward, timing, device)
+        start = time.perf_counter()
+        with record_kernels() as calls:
+            graph = capture_cuda_graph(forward)  # its eager calls compile and autotune: part of the warm-up
+        capture_seconds = time.perf_counter() - start
+        result = measure(lambda: graph.replay, timing, device)
+        # the replays call no Python op: the kernels are those recorded while capturing
+        return dataclasses.replace(result, kernels=tuple(calls), warmup_seconds=result.warmup_seconds + capture_seconds)
     hidden = hidden.detach().requires_grad_(True)
     grad = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device, hidden.dtype)
 
@@ -804,6 +825,30 @@ def measure_decoding(model, prompt, steps: int, timing: Timing, device: str,
     return result, cache_state_bytes(last["cache"])
 
 
+@contextlib.contextmanager
+def launch_kernels(kind: str, device: str, in_place: bool = False) -> Iterator[None]:
+    """Within the block, fla's kernels launch with `kind`'s choices on CUDA (LAUNCHES: keyred's
+    decode_launch and chunk_launch, or fla's own); nothing changes off the GPU. in_place: the
+    fused-recurrent DeltaNet forward updates the state tensor in place (inference only)."""
+    _check_launch(kind)
+    if device != "cuda":
+        yield
+        return
+    with decode_launch(kind, in_place=in_place), chunk_launch(kind):
+        yield
+
+
+def launch_label(cuda_graph: bool, kind: str, device: str, result: Measurement, key_dim: int,
+                 training: bool = False) -> str:
+    """The `launch` column: eager or cuda-graph, keyred / fla (keyred-torch off the GPU), and the
+    chunk size when a chunked op ran on CUDA."""
+    label = f"{'cuda-graph' if cuda_graph else 'eager'}, {kind if device == 'cuda' else 'keyred-torch'}"
+    chunked = [call.op for call in result.kernels if call.op.startswith("chunk_")]
+    if device == "cuda" and chunked:
+        label += f", chunk {chunk_size_for(chunked[0], key_dim, kind, training)}"
+    return label
+
+
 def capture_cuda_graph(call: Callable[[], object]):
     """call() captured in a CUDA graph, after three eager calls on a side stream (as torch asks)."""
     import torch
@@ -821,14 +866,16 @@ def capture_cuda_graph(call: Callable[[], object]):
 
 
 def benchmark_models(sources: list[ModelSource], batch: int, seq_len: int, timing: Timing, device: str,
-                     dtype: str = "auto", name: str = "", seed: int = 0, log=progress):
-    """Whole-model forward (no grad, all logits) of each source at batch x seq_len, in one process.
+                     dtype: str = "auto", name: str = "", seed: int = 0, kernel_launch: str = "keyred", log=progress):
+    """Whole-model forward (no grad, all logits) of each source at batch x seq_len, in one process,
+    with fla's kernels launched as `kernel_launch` on CUDA (see the module docstring).
 
     Every source's memory is estimated and checked before the first model is built.
     Returns the table (COLUMNS), one row per source.
     """
     _check_size("batch", batch)
     _check_size("seq-len", seq_len)
+    _check_launch(kernel_launch)
     if not sources:
         raise BenchmarkError("no models to benchmark: give --checkpoints, --reductions or --families")
     dtype = resolve_dtype(dtype, device)
@@ -849,28 +896,36 @@ def benchmark_models(sources: list[ModelSource], batch: int, seq_len: int, timin
         with out_of_memory_as_error(what):
             model = instantiate(source, device, dtype, seed)
             tokens = _random_tokens(source.config.vocab_size, batch, seq_len, seed, device)
-            result = measure_forward(model, tokens, timing, device)
+            with launch_kernels(kernel_launch, device):
+                result = measure_forward(model, tokens, timing, device)
         del model, tokens
         _release(device)
+        launch = launch_label(False, kernel_launch, device, result, shape_of(source.config).key_dim)
         row = {"kind": "model", **_source_columns(source, name), **_shape_columns(source.config, parameters),
-               "batch": batch, "seq_len": seq_len, "pass": "forward", "launch": "eager", "dtype": dtype, **env,
+               "batch": batch, "seq_len": seq_len, "pass": "forward", "launch": launch, "dtype": dtype, **env,
                "warmup": timing.warmup, "repeats": timing.repeats, **result.columns(batch * seq_len),
                "estimated_mem_bytes": estimate, "seed": seed}
         rows.append(row)
-        log(f"[bench] model {source.label}: {row['tokens_per_s']:,.0f} tok/s, {row['latency_ms_median']:.2f} ms, "
+        log(f"[bench] model {source.label} ({launch}): {row['tokens_per_s']:,.0f} tok/s, {row['latency_ms_median']:.2f} ms, "
             f"kernel {row['kernel']} ({row['kernel_backend']}), peak memory {row['peak_mem_bytes']:.4g} B "
             f"({row['peak_mem_kind']}), warm-up {row['warmup_s']:.1f}s")
     return table(rows)
 
 
 def benchmark_mixers(shapes: list[ModelShape], batch: int, seq_len: int, timing: Timing, device: str,
-                     dtype: str = "auto", passes: tuple[str, ...] = PASSES, seed: int = 0, log=progress):
+                     dtype: str = "auto", passes: tuple[str, ...] = PASSES, seed: int = 0, cuda_graph: bool = False,
+                     kernel_launch: str = "keyred", log=progress):
     """One linear-attention layer per shape (its num_layers is ignored) on random hidden states
-    [batch, seq_len, hidden], each pass of `passes` timed separately. Returns the table (COLUMNS)."""
+    [batch, seq_len, hidden], each pass of `passes` timed separately, with fla's kernels launched
+    as `kernel_launch` on CUDA; cuda_graph replays the forward pass from a CUDA graph (CUDA only;
+    forward+backward stays eager). Returns the table (COLUMNS)."""
     import torch
 
     _check_size("batch", batch)
     _check_size("seq-len", seq_len)
+    _check_launch(kernel_launch)
+    if cuda_graph and device != "cuda":
+        raise BenchmarkError("--cuda-graph needs a CUDA device")
     if not shapes:
         raise BenchmarkError("no mixer shapes: give --families and the shape options")
     unknown = sorted(set(passes) - set(PASSES))
@@ -899,15 +954,19 @@ def benchmark_mixers(shapes: list[ModelShape], batch: int, seq_len: int, timing:
             layer = mixer_layer(config, device, seed).to(_torch_dtype(dtype))
             generator = torch.Generator().manual_seed(seed)
             hidden = torch.randn(batch, seq_len, shape.hidden_size, generator=generator)
-            result = measure_mixer(layer, hidden.to(device, _torch_dtype(dtype)), which, timing, device, seed)
+            graph = cuda_graph and which == "forward"
+            with launch_kernels(kernel_launch, device):
+                result = measure_mixer(layer, hidden.to(device, _torch_dtype(dtype)), which, timing, device, seed,
+                                       graph)
         del layer, hidden
         _release(device)
+        launch = launch_label(graph, kernel_launch, device, result, shape.key_dim, training=which != "forward")
         row = {"kind": "mixer", "label": f"{shape.family} d_k {shape.key_dim}", **_shape_columns(config, parameters),
-               "batch": batch, "seq_len": seq_len, "pass": which, "launch": "eager", "dtype": dtype, **env, "warmup": timing.warmup,
+               "batch": batch, "seq_len": seq_len, "pass": which, "launch": launch, "dtype": dtype, **env, "warmup": timing.warmup,
                "repeats": timing.repeats, **result.columns(batch * seq_len), "estimated_mem_bytes": estimate,
                "seed": seed}
         rows.append(row)
-        log(f"[bench] mixer {row['label']} {which}: {row['tokens_per_s']:,.0f} tok/s, "
+        log(f"[bench] mixer {row['label']} {which} ({launch}): {row['tokens_per_s']:,.0f} tok/s, "
             f"{row['latency_ms_median']:.3f} ms, kernel {row['kernel']} ({row['kernel_backend']}), "
             f"warm-up {row['warmup_s']:.1f}s")
     return table(rows)
@@ -955,11 +1014,10 @@ def benchmark_decoding(sources: list[ModelSource], batches: tuple[int, ...], pro
     each source and batch size; only the decode steps are timed. Returns the table (COLUMNS):
     latency per decode step, tokens/s = batch x steps / decode time, state bytes per sequence.
 
-    On CUDA, DeltaNet's fused-recurrent kernel launches with `kernel_launch` (LAUNCHES of
-    keyred.kernels.decode_launch); cuda_graph replays a captured decode step (see measure_decoding)
-    and needs CUDA, DeltaNet and the keyred launch (its in-place state update)."""
-    if kernel_launch not in LAUNCHES:
-        raise BenchmarkError(f"unknown --kernel-launch {kernel_launch!r}; allowed: {', '.join(LAUNCHES)}")
+    On CUDA, fla's kernels launch as `kernel_launch` (launch_kernels); cuda_graph replays a
+    captured decode step (see measure_decoding) and needs CUDA, DeltaNet and the keyred launch
+    (its in-place state update)."""
+    _check_launch(kernel_launch)
     if cuda_graph:
         refusal = ("it needs a CUDA device" if device != "cuda" else
                    "it needs --kernel-launch keyred (fla's launch writes each step's state to a new tensor)"
@@ -969,7 +1027,6 @@ def benchmark_decoding(sources: list[ModelSource], batches: tuple[int, ...], pro
                               f"kernel only), not {', '.join(others)}" if others else None)
         if refusal:
             raise BenchmarkError(f"--cuda-graph decoding is not possible here: {refusal}")
-    launch = f"{'cuda-graph' if cuda_graph else 'eager'}, {kernel_launch if device == 'cuda' else 'keyred-torch'}"
     for batch in batches:
         _check_size("batches", batch)
     _check_size("prompt-len", prompt_len)
@@ -999,8 +1056,9 @@ def benchmark_decoding(sources: list[ModelSource], batches: tuple[int, ...], pro
                 if model is None:
                     model = instantiate(source, device, dtype, seed)
                 prompt = _random_tokens(source.config.vocab_size, batch, prompt_len, seed, device)
-                with decode_launch(kernel_launch, in_place=cuda_graph) if device == "cuda" else contextlib.nullcontext():
+                with launch_kernels(kernel_launch, device, in_place=cuda_graph):
                     result, state = measure_decoding(model, prompt, steps, timing, device, cuda_graph)
+            launch = launch_label(cuda_graph, kernel_launch, device, result, shape_of(source.config).key_dim)
             if state.total % batch:
                 raise BenchmarkError(f"{what}: the cache holds {state.total} bytes, not a multiple of the batch")
             columns = result.columns(batch * steps)
@@ -1082,14 +1140,16 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--cuda-graph", action="store_true",
                              help="replay a CUDA graph of one decode step: GPU time without launch overhead "
                                   "(CUDA, DeltaNet)")
-            sub.add_argument("--kernel-launch", choices=LAUNCHES, default="keyred",
-                             help="launch of DeltaNet's fused-recurrent kernel on CUDA: keyred's autotuned "
-                                  "one or fla's fixed one")
         else:
             sub.add_argument("--batch", type=int, required=True)
             sub.add_argument("--seq-len", type=int, required=True)
         if kind == "mixer":
             sub.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+            sub.add_argument("--cuda-graph", action="store_true",
+                             help="replay the forward pass from a CUDA graph: GPU time without launch overhead (CUDA)")
+        sub.add_argument("--kernel-launch", choices=LAUNCHES, default="keyred",
+                         help="on CUDA, fla's kernels with keyred's launch choices (DeltaNet: autotuned "
+                              "fused-recurrent launch, chunks of 32 for d_k <= 64 without grad) or fla's own")
         sub.add_argument("--warmup", type=int, default=3, help="untimed calls first (kernel autotuning)")
         sub.add_argument("--repeats", type=int, default=10, help="timed calls (the median is reported)")
         sub.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA, float32 on CPU")
@@ -1107,7 +1167,7 @@ def run(args: argparse.Namespace, log=progress):
     resolve_dtype(args.dtype, device)
     if args.kind == "mixer":
         return benchmark_mixers(shapes, args.batch, args.seq_len, timing, device, args.dtype, tuple(args.passes),
-                                args.seed, log)
+                                args.seed, args.cuda_graph, args.kernel_launch, log)
     paths = [Path(p) for p in args.checkpoints]
     for folder in args.reductions:
         paths += reduction_checkpoints(folder)
@@ -1118,7 +1178,7 @@ def run(args: argparse.Namespace, log=progress):
     sources = [checkpoint_source(path) for path in paths] + [shape_source(shape) for shape in shapes]
     if args.kind == "model":
         return benchmark_models(sources, args.batch, args.seq_len, timing, device, args.dtype, args.name, args.seed,
-                                log)
+                                args.kernel_launch, log)
     return benchmark_decoding(sources, tuple(args.batches), args.prompt_len, args.steps, timing, device, args.dtype,
                               args.name, args.seed, args.cuda_graph, args.kernel_launch, log)
 

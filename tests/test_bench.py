@@ -194,6 +194,17 @@ def test_the_kernel_column_names_the_op_the_layer_chose(family, which, seq_len, 
     assert frame["kernel"].tolist() == [kernel] and frame["kernel_backend"].tolist() == ["keyred-torch"]
 
 
+def test_off_the_gpu_the_launch_column_says_keyred_torch(mixer_table):
+    assert (mixer_table["launch"] == "eager, keyred-torch").all()
+
+
+def test_a_cuda_graph_or_an_unknown_launch_is_refused_before_work():
+    with pytest.raises(BenchmarkError, match="--cuda-graph needs a CUDA device"):
+        benchmark_mixers([tiny()], batch=1, seq_len=8, timing=QUICK, device="cpu", cuda_graph=True, log=QUIET)
+    with pytest.raises(BenchmarkError, match="unknown --kernel-launch 'fast'; allowed: keyred, fla"):
+        benchmark_mixers([tiny()], batch=1, seq_len=8, timing=QUICK, device="cpu", kernel_launch="fast", log=QUIET)
+
+
 def test_a_gated_backward_that_fla_refuses_on_hopper_is_refused_before_work(monkeypatch):
     import fla.utils
 

@@ -124,6 +124,17 @@ def test_paper_language_model_configs_plan_their_jobs(workdir, config, models):
                                            "evaluation": 1, "total": 6 + 2 * models}
 
 
+def test_the_paper_config_benchmarks_the_1_3b_shape_from_cuda_graphs(workdir):
+    shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
+    result = snakemake(workdir, "-n", "-p", "--cores", "2", "bench_mixer", "bench_decode",
+                       "--configfile", "configs/lm_paper_340M.yaml", "--replace-workflow-config")
+    commands = [line for line in result.stdout.splitlines() if "-m keyred.bench" in line]
+    assert len(commands) == 2
+    for command in commands:
+        assert "--cuda-graph" in command and "--hidden 2048" in command and "--key-dims 128 64 32" in command
+    assert "--passes forward --cuda-graph" in commands[0] + commands[1]
+
+
 def test_reduction_target_plans_one_job_per_model_and_method(workdir):
     name = write_yaml(workdir / "reduce_some.yaml", {"reduction": {"models": ["deltanet_tiny"],
                                                                    "methods": ["l1", "drrqr"]}})

@@ -9,6 +9,7 @@ rule bench_mixer:
     params:
         shape=BENCH["shape"],
         mixer=BENCH["mixer"],
+        graph="--cuda-graph" if BENCH["mixer"]["cuda_graph"] else "",
         timing=BENCH_TIMING,
         device=config["device"],
         code=code_digest("keyred.bench"),
@@ -21,7 +22,7 @@ rule bench_mixer:
         "{PYTHON} -m keyred.bench mixer --families {params.mixer[families]} --hidden {params.shape[hidden_size]}"
         " --heads {params.shape[num_heads]} --value-dim {params.shape[value_dim]} --key-dims {params.shape[key_dims]}"
         " --batch {params.mixer[batch]} --seq-len {params.mixer[seq_len]} --passes {params.mixer[passes]}"
-        " {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " {params.graph} {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 
 rule bench_decode:
