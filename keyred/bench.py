@@ -56,11 +56,12 @@ DeltaNet to fused_recurrent_delta_rule for q_len <= 64, and the gated layers wit
 (keyred.backend's torch kernels off the GPU).
 
 Launch (--kernel-launch, CUDA only): 'keyred' (the default) runs fla's kernels with keyred's
-choices, 'fla' with fla's own, so the two can be compared in one run: DeltaNet's fused-recurrent
-forward through keyred.kernels.decode_launch (an autotuned launch) and DeltaNet's chunked op
-without autograd through keyred.kernels.chunk_launch (chunks of 32 tokens for d_k <= 64). --cuda-graph (mixer forward, decoding) captures the timed call in a CUDA
-graph and replays it: GPU time without Python and launch overhead, which otherwise dominates at
-these layer sizes. The `launch` column says which: e.g. 'cuda-graph, keyred, chunk 32'.
+choices, 'fla' with fla's own, so the two can be compared: DeltaNet's fused-recurrent forward
+through keyred.kernels.decode_launch (an autotuned launch) and DeltaNet's chunked op without
+autograd through keyred.kernels.chunk_launch (chunks of 32 tokens for d_k <= 64). --cuda-graph
+(mixer forward, decoding) captures the timed call in a CUDA graph and replays it: GPU time
+without Python and launch overhead, which otherwise dominates at these layer sizes. The `launch`
+column says which, e.g. 'cuda-graph, keyred, chunk 32'.
 """
 
 from __future__ import annotations
@@ -906,8 +907,8 @@ def benchmark_models(sources: list[ModelSource], batch: int, seq_len: int, timin
                "warmup": timing.warmup, "repeats": timing.repeats, **result.columns(batch * seq_len),
                "estimated_mem_bytes": estimate, "seed": seed}
         rows.append(row)
-        log(f"[bench] model {source.label} ({launch}): {row['tokens_per_s']:,.0f} tok/s, {row['latency_ms_median']:.2f} ms, "
-            f"kernel {row['kernel']} ({row['kernel_backend']}), peak memory {row['peak_mem_bytes']:.4g} B "
+        log(f"[bench] model {source.label} ({launch}): {row['tokens_per_s']:,.0f} tok/s, "
+            f"{row['latency_ms_median']:.2f} ms, kernel {row['kernel']} ({row['kernel_backend']}), peak memory {row['peak_mem_bytes']:.4g} B "
             f"({row['peak_mem_kind']}), warm-up {row['warmup_s']:.1f}s")
     return table(rows)
 
@@ -962,8 +963,8 @@ def benchmark_mixers(shapes: list[ModelShape], batch: int, seq_len: int, timing:
         _release(device)
         launch = launch_label(graph, kernel_launch, device, result, shape.key_dim, training=which != "forward")
         row = {"kind": "mixer", "label": f"{shape.family} d_k {shape.key_dim}", **_shape_columns(config, parameters),
-               "batch": batch, "seq_len": seq_len, "pass": which, "launch": launch, "dtype": dtype, **env, "warmup": timing.warmup,
-               "repeats": timing.repeats, **result.columns(batch * seq_len), "estimated_mem_bytes": estimate,
+               "batch": batch, "seq_len": seq_len, "pass": which, "launch": launch, "dtype": dtype, **env,
+               "warmup": timing.warmup, "repeats": timing.repeats, **result.columns(batch * seq_len), "estimated_mem_bytes": estimate,
                "seed": seed}
         rows.append(row)
         log(f"[bench] mixer {row['label']} {which} ({launch}): {row['tokens_per_s']:,.0f} tok/s, "
