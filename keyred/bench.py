@@ -926,7 +926,8 @@ def benchmark_mixers(shapes: list[ModelShape], batch: int, seq_len: int, timing:
     _check_size("seq-len", seq_len)
     _check_launch(kernel_launch)
     if cuda_graph and device != "cuda":
-        raise BenchmarkError("--cuda-graph needs a CUDA device")
+        raise BenchmarkError(f"--cuda-graph needs a CUDA device, but this benchmark runs on {device}; "
+                             f"drop --cuda-graph or use --device cuda")
     if not shapes:
         raise BenchmarkError("no mixer shapes: give --families and the shape options")
     unknown = sorted(set(passes) - set(PASSES))

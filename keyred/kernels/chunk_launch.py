@@ -45,11 +45,15 @@ CHUNK_OPS = {"fla.layers.delta_net": "chunk_delta_rule"}
 def chunk_size_for(op: str, key_dim: int, launch: str = "keyred", training: bool = False) -> int:
     """The chunk size the chunked op `op` (e.g. 'chunk_delta_rule') gets under `launch` for keys
     of d_k = key_dim."""
-    if launch not in LAUNCHES:
-        raise ValueError(f"unknown chunk launch {launch!r}; allowed: {', '.join(LAUNCHES)}")
+    _check_launch(launch)
     if launch == "fla" or op not in CHUNK_OPS.values() or training or key_dim > SMALL_KEY_DIM:
         return FLA_CHUNK_SIZE
     return SMALL_KEY_CHUNK_SIZE
+
+
+def _check_launch(kind: str) -> None:
+    if kind not in LAUNCHES:
+        raise ValueError(f"unknown chunk launch {kind!r}; allowed: {', '.join(LAUNCHES)}")
 
 
 def _with_chosen_chunk_size(op: Callable, name: str) -> Callable:
@@ -72,8 +76,7 @@ def _with_chosen_chunk_size(op: Callable, name: str) -> Callable:
 def chunk_launch(kind: str) -> Iterator[None]:
     """Within the block, fla's layers call their chunked delta-rule ops with the chunk size of
     `kind`: "keyred" (chunk_size_for) or "fla" (fla's default); the names are restored after."""
-    if kind not in LAUNCHES:
-        raise ValueError(f"unknown chunk launch {kind!r}; allowed: {', '.join(LAUNCHES)}")
+    _check_launch(kind)
     if kind == "fla":
         yield
         return
