@@ -1,4 +1,4 @@
-"""Time of the state-rank analysis (keyred.analysis) of a 1.3B-shaped DeltaNet on one sequence.
+"""Time of the state-rank analysis (keyred.analysis.stage) of a 1.3B-shaped DeltaNet on one sequence.
 
     PYTHONPATH=. python benchmarks/rank_analysis_speed.py --device cuda              # 24 x 16 heads, 2048 tokens
     PYTHONPATH=. python benchmarks/rank_analysis_speed.py --device cpu --layers 2 --seq-len 128
@@ -10,7 +10,7 @@ analysis has no learned-weight dependent cost, so random weights time it as well
 
 Timed, after one untimed warm-up pass on 128 tokens (Triton compilation and autotuning; it also
 prints how closely the replay reproduces the layers' op outputs): collection (the forward pass
-with the op recorders), replay + ranks (keyred.state_rank.replay: the float32 recurrence of all
+with the op recorders), replay + ranks (keyred.analysis.measures.replay: the float32 recurrence of all
 layers x heads and svdvals of every state every `--stride` tokens) and the tidy table. The
 issue's goal: at most 30 s for 24 layers and 2048 tokens on an H100.
 """
@@ -22,9 +22,9 @@ import time
 
 import torch
 
-from keyred.analysis import collect_recurrence, rank_table, stack_records, stacked_outputs
-from keyred.models import model_config
-from keyred.state_rank import SVD_BATCH, replay
+from keyred.analysis.stage import collect_recurrence, rank_table, stack_records, stacked_outputs
+from keyred.fla.models import model_config
+from keyred.analysis.measures import SVD_BATCH, replay
 
 
 def synchronize(device: str) -> None:

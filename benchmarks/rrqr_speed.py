@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from keyred.rrqr import strong_rrqr, strong_rrqr_reference
+from keyred.reduction.rrqr import strong_rrqr, strong_rrqr_reference
 
 MODEL_LAYERS, HEADS, D_K = 24, 16, 128
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -36,15 +36,15 @@ def _start_worker() -> None:
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    from keyred.models import _fla_models
+    from keyred.fla.models import _fla_models
 
     _fla_models()
 
 
 def run_one(label: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one configuration with one seed, score it at 4k; return the numbers of its line."""
-    from keyred.groups import build_group
-    from keyred.state_tracking import (TEST_SEED_OFFSET, StateTrackingModel, StateTrackingTraining, evaluate,
+    from keyred.data.groups import build_group
+    from keyred.tracking.run import (TEST_SEED_OFFSET, StateTrackingModel, StateTrackingTraining, evaluate,
                                        longest_solved, train_state_tracking)
 
     num_householder, allow_neg_eigval = CONFIGURATIONS[label]

@@ -2,9 +2,9 @@
 
     python benchmarks/state_tracking_paper_spec.py configs/state_tracking_paper.yaml S3 2 neg 0 \
         --time-limit-minutes 8 > spec.json
-    python -m keyred.state_tracking --spec "$(cat spec.json)" --device cuda --out runs/S3_nh2_neg
+    python -m keyred.tracking.run --spec "$(cat spec.json)" --device cuda --out runs/S3_nh2_neg
 
-The spec is the one the workflow's state_tracking_run rule builds (keyred.state_tracking.sweep_run_spec)
+The spec is the one the workflow's state_tracking_run rule builds (keyred.tracking.run.sweep_run_spec)
 for group, n_h, eigenvalue range (pos = [0,1], neg = [-1,1]) and seed.
 """
 
@@ -12,7 +12,7 @@ import argparse
 import json
 
 from keyred.config import load_config
-from keyred.state_tracking import sweep_run_spec
+from keyred.tracking.run import sweep_run_spec
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("config")

@@ -4,8 +4,8 @@
         --size small --batch-size 16 --seq-len 1024 --steps 200
 
 Measures the device's bf16 matmul peak first (median of 8192^3 matmuls; on CPU float32 at 2048^3),
-then trains each family with keyred.train.train_language_model on the packed corpus
-(python -m keyred.packing) and reports the median tokens/s of its progress rows after the
+then trains each family with keyred.training.lm.train_language_model on the packed corpus
+(python -m keyred.data.packing) and reports the median tokens/s of its progress rows after the
 first `--skip-rows` (compilation and autotuning), and
 MFU = 6 x N x tokens/s / peak, N = every parameter except the input embedding (a lookup, not a
 matmul; the output projection counts). The 6 N rule leaves out the recurrence itself, so MFU is
@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from keyred.models import build_model
-from keyred.packing import PackedTokens
-from keyred.train import ModelChoice, TrainSettings, resolve_device, train_language_model
+from keyred.fla.models import build_model
+from keyred.data.packing import PackedTokens
+from keyred.training.lm import ModelChoice, TrainSettings, resolve_device, train_language_model
 
 
 def matmul_peak(device: str, repeats: int = 20) -> float:
@@ -47,7 +47,7 @@ def matmul_parameters(family: str, size: str, vocab_size: int) -> int:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--packed", required=True, help="keyred.packing folder")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder")
     parser.add_argument("--families", nargs="+", default=["delta_net"])
     parser.add_argument("--size", default="small")
     parser.add_argument("--batch-size", type=int, default=16)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.groups import build_group
-from keyred.word_problems import prefix_products, read_word_problems, sample_sequences, write_word_problems
+from keyred.data.groups import build_group
+from keyred.data.word_problems import prefix_products, read_word_problems, sample_sequences, write_word_problems
 
 GOAL_SECONDS = 30.0
 

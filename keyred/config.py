@@ -1,6 +1,6 @@
 """The workflow configuration: schema validation with defaults, and typed settings.
 
-`workflow/schemas/config.schema.yaml` is the single source of truth: every key, its default and
+`keyred/schemas/config.schema.yaml` (package data) is the single source of truth: every key, its default and
 its description. `validate_config` fills defaults and raises `ConfigError` naming the key path
 and what is allowed; `settings_from_dict` turns one section into a frozen dataclass.
 Importing this module is cheap (no torch).
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import jsonschema
 import yaml
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 
 T = TypeVar("T")
 

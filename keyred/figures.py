@@ -174,12 +174,12 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
     _save(fig, figure_path)
 
 
-# state-rank figures (keyred.analysis tables): the columns that identify one analysed checkpoint
+# state-rank figures (keyred.analysis.stage tables): the columns that identify one analysed checkpoint
 RANK_KEYS = ["model", "method", "ratio", "stage"]
 
 
 def rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Mean stable rank, utilisation and effective rank over the tokens of a keyred.analysis table,
+    """Mean stable rank, utilisation and effective rank over the tokens of a keyred.analysis.stage table,
     per checkpoint (RANK_KEYS), layer and head, with d_k, d_v and the number of tokens measured."""
     keys = RANK_KEYS + ["layer", "head", "d_k", "d_v"]
     grouped = ranks.groupby(keys, sort=True)
@@ -307,9 +307,9 @@ def plot_effective_rank_over_time(ranks: pd.DataFrame, figure_path: str | Path) 
     _save(fig, figure_path)
 
 
-# ---------------------------------------------------------------- speed and memory (keyred.bench)
+# ---------------------------------------------------------------- speed and memory (keyred.bench.run)
 
-# Columns of keyred.bench tables that identify one measured configuration apart from d_k.
+# Columns of keyred.bench.run tables that identify one measured configuration apart from d_k.
 BENCH_CONFIG_COLUMNS = ("kind", "model", "family", "pass", "batch", "seq_len", "prompt_len", "hidden_size",
                         "num_layers", "num_heads", "d_v", "dtype", "device_name")
 _BENCH_STYLES = {"mixer": "-", "decode": "--", "model": "-."}
@@ -317,7 +317,7 @@ _BENCH_STYLES = {"mixer": "-", "decode": "--", "model": "-."}
 
 def key_dim_ratios(bench: pd.DataFrame, reference_key_dim: int = 128) -> pd.DataFrame:
     """Speed-up and memory ratio of each d_k relative to d_k = `reference_key_dim` within every
-    configuration (BENCH_CONFIG_COLUMNS) of keyred.bench rows; rows that share a configuration and
+    configuration (BENCH_CONFIG_COLUMNS) of keyred.bench.run rows; rows that share a configuration and
     d_k (e.g. several reduction methods) are reduced to their median first.
 
     speedup = tokens/s over the reference's; memory_ratio = state bytes per sequence (decode rows)
@@ -347,7 +347,7 @@ def key_dim_ratios(bench: pd.DataFrame, reference_key_dim: int = 128) -> pd.Data
 
 
 def _bench_label(row) -> str:
-    """A short legend label of one keyred.bench configuration."""
+    """A short legend label of one keyred.bench.run configuration."""
     if row["kind"] == "decode":
         return f"decode {row['family']} B={row['batch']:g}"
     if row["kind"] == "mixer":
@@ -358,7 +358,7 @@ def _bench_label(row) -> str:
 def plot_key_dim_scaling(mixer: pd.DataFrame | None, decode: pd.DataFrame | None, figure_path: str | Path,
                          reference_key_dim: int = 128) -> None:
     """Speed-up (left) and memory ratio (right) vs d_k relative to d_k = reference_key_dim, from
-    keyred.bench mixer and decode tables (either may be None): one line per configuration (mixers
+    keyred.bench.run mixer and decode tables (either may be None): one line per configuration (mixers
     solid, decoding dashed); memory is peak memory for mixers and state bytes per sequence for
     decoding. Dotted grey: the state-bound limits reference/d_k (speed) and d_k/reference (memory)."""
     plt = _pyplot()
@@ -410,7 +410,7 @@ def pareto_front(points: pd.DataFrame, x: str, y: str, higher_is_better: bool = 
 
 def speed_quality_table(bench: pd.DataFrame, quality: pd.DataFrame, task: str = "heldout_perplexity",
                         metric: str = "bits_per_byte", stage: str = "lora") -> pd.DataFrame:
-    """Join keyred.bench whole-model rows (kind 'model'; the median tokens/s per model, method and
+    """Join keyred.bench.run whole-model rows (kind 'model'; the median tokens/s per model, method and
     ratio) with a reduction table (reduction_table: model, method, ratio, stage, task, metric,
     value) at one task, metric and stage; the unreduced model ('unpruned') joins as method 'none',
     ratio 0. Columns: model, method, ratio, tokens_per_s, value, stage."""

@@ -18,13 +18,13 @@ per process: a training job with N GPUs runs N processes. The numbers are genero
 a cluster profile overrides any of them per rule (`set-resources`).
 
 A training job longer than its wall time is stopped by SLURM, retried by Snakemake (profile
-`retries`) and resumes from its last checkpoint (keyred.train), so training asks for 24 h at most
+`retries`) and resumes from its last checkpoint (keyred.training.lm), so training asks for 24 h at most
 (a common partition limit).
 """
 
 from __future__ import annotations
 
-SIZES = ("tiny", "small", "340M", "1.3B")  # keyred.models.SIZES (this module imports nothing heavy)
+SIZES = ("tiny", "small", "340M", "1.3B")  # keyred.checkpoints.SIZES (this module imports nothing heavy)
 MODEL_STAGES = ("train", "evaluate", "reduce", "bench", "analysis")
 SHAPE_STAGES = ("state_tracking", "bench_shapes")  # GPU jobs on small models of their own
 STAGES = MODEL_STAGES + SHAPE_STAGES + ("data", "tables")

@@ -10,9 +10,9 @@ import pytest
 def packed_wikipedia(tmp_path_factory):
     """The offline corpus (gensim's Wikipedia sample), a 512-token BPE and its packed streams
     (about 6 s): (root folder with corpus/, tokenizer/, packed/)."""
-    from keyred.corpus import build_corpus, corpus_settings
-    from keyred.packing import pack_corpus
-    from keyred.tokenizer import build_tokenizer, tokenizer_settings
+    from keyred.data.corpus import build_corpus, corpus_settings
+    from keyred.data.packing import pack_corpus
+    from keyred.data.tokenizer import build_tokenizer, tokenizer_settings
 
     root = tmp_path_factory.mktemp("wikipedia")
     build_corpus(corpus_settings({}), root / "corpus")

@@ -1,4 +1,4 @@
-"""keyred.state_rank and keyred.analysis: state-rank analysis of the recurrent delta-rule state.
+"""keyred.analysis.measures and keyred.analysis.stage: state-rank analysis of the recurrent delta-rule state.
 
 Paths that must agree: the float32 replay of what the real fla layers fed their delta-rule ops
 == the ops' own outputs (all three families, both of fla's op paths, negative eigenvalues, grouped
@@ -16,10 +16,11 @@ import pandas as pd
 import pytest
 import torch
 
-from keyred.analysis import (COLUMNS, AnalysisError, collect_recurrence, describe_checkpoint, main, stack_records,
+from keyred.analysis.stage import (COLUMNS, AnalysisError, collect_recurrence, describe_checkpoint, main, stack_records,
                              stacked_outputs)
-from keyred.models import CheckpointError, ModelSpecError
-from keyred.state_rank import DeltaInputs, effective_rank, rank_measures, replay, stable_rank
+from keyred.checkpoints import CheckpointError
+from keyred.fla.families import ModelSpecError
+from keyred.analysis.measures import DeltaInputs, effective_rank, rank_measures, replay, stable_rank
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,7 +32,7 @@ def tiny_model(family: str, **changes):
     """keyred's tiny model of `family` with config fields changed, float32, eval mode, seeded."""
     from transformers import AutoModelForCausalLM
 
-    from keyred.models import model_config
+    from keyred.fla.models import model_config
 
     config = model_config(family, "tiny", VOCAB)
     for key, value in changes.items():
@@ -174,8 +175,8 @@ def test_the_gate_matters():
 
 
 def test_pruned_checkpoint_with_smaller_keys_than_values(tmp_path):
-    from keyred.models import load_checkpoint, new_info, save_checkpoint
-    from keyred.prune import PruneSettings, prune_model
+    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.reduction.prune import PruneSettings, prune_model
 
     pruned, extra = prune_model(copy.deepcopy(tiny_model("delta_net")), PruneSettings(method="l1", ratio=0.5),
                                 log=lambda message: None)
@@ -219,9 +220,9 @@ def test_batches_are_refused():
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """An unpruned and an l1-pruned tiny DeltaNet LM, and a state-tracking run folder (S3)."""
-    from keyred.models import new_info, save_checkpoint
-    from keyred.prune import PruneSettings, prune_checkpoint
-    from keyred.state_tracking import StateTrackingModel, StateTrackingTraining, build_state_tracking_model
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.reduction.prune import PruneSettings, prune_checkpoint
+    from keyred.tracking.run import StateTrackingModel, StateTrackingTraining, build_state_tracking_model
 
     root = tmp_path_factory.mktemp("analysis")
     save_checkpoint(tiny_model("delta_net"), root / "lm",
@@ -310,7 +311,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 @needs_gpu
 @pytest.mark.parametrize("shape", [(128, 128), (256, 64), (64, 256)])
 def test_batched_gpu_singular_values_match_lapack(shape):
-    from keyred.state_rank import singular_values
+    from keyred.analysis.measures import singular_values
 
     g = torch.Generator().manual_seed(0)
     decay = torch.logspace(0, -6, min(shape))                  # ill-conditioned, as long-run states are

@@ -1,4 +1,4 @@
-"""keyred.backend on CPU: fla's Triton call sites run keyred's torch code, CUDA calls reach fla.
+"""keyred.fla.backend on CPU: fla's Triton call sites run keyred's torch code, CUDA calls reach fla.
 
 Paths that must agree: each torch layer function against an independent formula; whole layers
 against a float64 recurrence written out here; the fused-recurrent eval path (q_len <= 64)
@@ -25,7 +25,7 @@ from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_produc
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from keyred import backend
+from keyred.fla import backend
 from keyred.kernels import layers
 
 FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
@@ -395,7 +395,7 @@ def test_another_fla_release_is_refused(monkeypatch):
 
 
 def test_a_missing_call_site_is_named(monkeypatch):
-    missing = backend.Patch("fla.layers.delta_net", "chunk_delta_rule_v2", "keyred.backend:chunk_delta_rule")
+    missing = backend.Patch("fla.layers.delta_net", "chunk_delta_rule_v2", "keyred.fla.backend:chunk_delta_rule")
     monkeypatch.setattr(backend, "CALL_SITES", backend.CALL_SITES + (missing,))
     with pytest.raises(backend.UnsupportedFlaError, match=r"fla\.layers\.delta_net\.chunk_delta_rule_v2"):
         backend.use_torch_kernels_off_gpu()

@@ -1,4 +1,4 @@
-"""keyred.bench: the three benchmark kinds on CPU at tiny shapes, their tables, the kernel record,
+"""keyred.bench.run: the three benchmark kinds on CPU at tiny shapes, their tables, the kernel record,
 state bytes from the cache against the closed form, refusals before work, and the plots.
 
 No timing thresholds: CPU numbers only have to exist, be finite and positive.
@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from keyred import figures
-from keyred.bench import (COLUMNS, BenchmarkError, InsufficientMemoryError, ModelShape, Timing, base_shape,
+from keyred.bench.run import (COLUMNS, BenchmarkError, InsufficientMemoryError, ModelShape, Timing, base_shape,
                           benchmark_decoding, benchmark_mixers, main, out_of_memory_as_error, reduction_checkpoints,
                           resolve_dtype, shape_config, shape_of, shape_source, shapes_from_options)
-from keyred.models import FAMILIES, CheckpointError
+from keyred.checkpoints import CheckpointError
+from keyred.fla.families import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -92,8 +93,9 @@ def test_reduction_folders_list_their_pruned_checkpoints_by_ratio(tmp_path):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny random DeltaNet (d_k 16) and its l1-pruned child at ratio 0.5 (d_k 8), in a reduce-like layout."""
-    from keyred.models import build_model, new_info, save_checkpoint
-    from keyred.prune import PruneSettings, prune_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.fla.models import build_model
+    from keyred.reduction.prune import PruneSettings, prune_checkpoint
 
     root = tmp_path_factory.mktemp("bench_checkpoints")
     save_checkpoint(build_model("delta_net", "tiny", vocab_size=128, seed=0), root / "base",

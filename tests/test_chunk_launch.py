@@ -1,4 +1,4 @@
-"""keyred.kernels.chunk_launch: which chunk size fla's chunked ops get, and that it changes nothing
+"""keyred.kernels.cuda.chunk_launch: which chunk size fla's chunked ops get, and that it changes nothing
 but the chunking. The choice and the wrapping are checked on the CPU (with stand-in CUDA keys);
 the outputs of real layers at chunk 32 against fla's chunk 64 on a GPU (marker gpu).
 """
@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from keyred.kernels.chunk_launch import (CHUNK_OPS, FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch,
+from keyred.kernels.cuda.chunk_launch import (CHUNK_OPS, FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch,
                                          chunk_size_for)
 
 
@@ -77,7 +77,7 @@ def test_fla_launch_leaves_the_ops_alone(recorded):
 
 def _layer(family, key_dim, value_dim=128, heads=4):
     """One block of `family` on CUDA in bf16, hidden size heads x value_dim."""
-    from keyred.bench import ModelShape, mixer_layer, shape_config
+    from keyred.bench.run import ModelShape, mixer_layer, shape_config
 
     shape = ModelShape(family=family, hidden_size=heads * value_dim, num_layers=1, num_heads=heads,
                        key_dim=key_dim, value_dim=value_dim)

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from keyred.config import ConfigError, load_config, load_schema, settings_from_dict, validate_config
-from keyred.train import TrainSettings
+from keyred.training.lm import TrainSettings
 
 from conftest import REPO
 

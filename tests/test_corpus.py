@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from keyred import corpus
+from keyred.data import corpus
 from keyred.config import ConfigError
-from keyred.corpus import (CorpusSettings, build_corpus, clean_wiki_markup, corpus_settings, main, read_documents,
+from keyred.data.corpus import (CorpusSettings, build_corpus, clean_wiki_markup, corpus_settings, main, read_documents,
                            split_documents)
 
 
@@ -186,7 +186,7 @@ def test_hub_offline_is_a_config_error(offline, tmp_path):
 
 
 def test_read_documents_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist: make the corpus with python -m keyred.corpus"):
+    with pytest.raises(ConfigError, match="does not exist: make the corpus with python -m keyred.data.corpus"):
         read_documents(tmp_path / "train.jsonl")
 
 

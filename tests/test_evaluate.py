@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from keyred.config import ConfigError, settings_from_dict
-from keyred.evaluate import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate_model, last_word_samples,
+from keyred.evaluation.lm_eval import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate_model, last_word_samples,
                              length_extrapolation, main, recall_samples, with_columns)
-from keyred.models import build_model, new_info, save_checkpoint
+from keyred.checkpoints import new_info, save_checkpoint
+from keyred.fla.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""keyred.finetune: LoRA only where it takes effect, merged == unmerged, training and distillation
+"""keyred.training.lora: LoRA only where it takes effect, merged == unmerged, training and distillation
 lower their losses, the merged checkpoint reloads with its metadata, the CLI, bad settings."""
 
 import json
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from keyred.config import ConfigError
-from keyred.finetune import (FinetuneSettings, add_lora, check_targets, distillation_loss, extra_parameter_names,
+from keyred.training.lora import (FinetuneSettings, add_lora, check_targets, distillation_loss, extra_parameter_names,
                              finetune, finetune_settings, lora_targets, main, training_loss)
-from keyred.models import FAMILIES
+from keyred.fla.families import FAMILIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,7 +26,7 @@ def tiny(family: str, seed: int = 0, **overrides):
     """A tiny fla model of `family` (float32, CPU) with config overrides."""
     from transformers import AutoModelForCausalLM
 
-    from keyred.models import model_config
+    from keyred.fla.models import model_config
 
     config = model_config(family, "tiny", VOCAB)
     for key, value in overrides.items():
@@ -261,10 +261,11 @@ def test_training_loss_mixes_distillation_and_cross_entropy():
 
 
 def test_cli_distils_a_pruned_gated_deltanet_and_saves_a_plain_checkpoint(packed_wikipedia, tmp_path, capsys):
-    from keyred.models import key_head_dim, load_checkpoint, new_info, save_checkpoint
-    from keyred.packing import PackedTokens
-    from keyred.tokenizer import load_tokenizer
-    from keyred.train import validation_loss
+    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.fla.families import key_head_dim
+    from keyred.data.packing import PackedTokens
+    from keyred.data.tokenizer import load_tokenizer
+    from keyred.training.lm import validation_loss
 
     packed = packed_wikipedia / "packed"
     teacher = sharpened(tiny("gated_deltanet")).eval()
@@ -316,7 +317,7 @@ def test_cli_distils_a_pruned_gated_deltanet_and_saves_a_plain_checkpoint(packed
     ({"distill": True}, "records no parent to distil from; pass --teacher"),
 ])
 def test_cli_exits_2_on_bad_settings(packed_wikipedia, tmp_path, capsys, spec, match):
-    from keyred.models import new_info, save_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
 
     save_checkpoint(tiny("delta_net"), tmp_path / "model", new_info("delta_net", "tiny", stage="prune"))
     code = main(["--checkpoint", str(tmp_path / "model"), "--packed", str(packed_wikipedia / "packed"),

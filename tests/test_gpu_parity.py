@@ -3,7 +3,7 @@
 Ops: fla's chunk / fused-recurrent delta rule, gated delta rule (with the GatedDeltaNet layer's
 arguments) and gated delta product (n_h 1..3) in bf16, against keyred.kernels in float32 on the
 same CUDA tensors: outputs, final states and gradients. Models: a tiny model of each family, CUDA
-forward (Triton, bf16 autocast) against the same weights on CPU through keyred.backend (float32).
+forward (Triton, bf16 autocast) against the same weights on CPU through keyred.fla.backend (float32).
 Every comparison prints max |fla - keyred|, that over max |keyred|, and the relative RMS error;
 run with `pytest -m gpu -s tests/test_gpu_parity.py` to see them. A first run spends most of its
 ~20 minutes compiling and autotuning fla's Triton kernels. fla refuses gated backward passes on
@@ -30,7 +30,7 @@ from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule  # n
 from fla.ops.gated_delta_product import chunk_gated_delta_product  # noqa: E402
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: E402
 
-from keyred import backend  # noqa: E402
+from keyred.fla import backend  # noqa: E402
 from keyred.kernels import delta_rule  # noqa: E402
 from keyred.kernels.layers import l2norm  # noqa: E402
 

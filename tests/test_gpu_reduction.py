@@ -3,9 +3,10 @@ kernels with the strong-RRQR selection on the GPU, then LoRA recovery in bf16 au
 import pytest
 import torch
 
-from keyred.finetune import finetune, finetune_settings
-from keyred.models import build_model, key_head_dim
-from keyred.prune import PruneSettings, prune_model
+from keyred.training.lora import finetune, finetune_settings
+from keyred.fla.families import key_head_dim
+from keyred.fla.models import build_model
+from keyred.reduction.prune import PruneSettings, prune_model
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fla's Triton kernels)")]

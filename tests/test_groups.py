@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from keyred.groups import MAX_ORDER, build_group, group_order, lexicographic_permutations
+from keyred.data.groups import MAX_ORDER, build_group, group_order, lexicographic_permutations
 
 SMALL = ["S1", "S2", "S3", "S4", "S5", "A1", "A2", "A3", "A4", "A5", "Z1", "Z2", "Z7", "Z60",
          "A4_x_Z5", "Z2_x_Z3", "Z2_x_Z2_x_S3"]          # |G| <= 120: associativity checked exhaustively

@@ -4,8 +4,9 @@ import json
 import pytest
 import torch
 
-from keyred.models import (FAMILIES, CheckpointError, ModelSpecError, architecture, build_model, key_head_dim,
-                           load_checkpoint, new_info, read_info, save_checkpoint)
+from keyred.checkpoints import CheckpointError, load_checkpoint, new_info, read_info, save_checkpoint
+from keyred.fla.families import FAMILIES, ModelSpecError, architecture, key_head_dim
+from keyred.fla.models import build_model
 
 VOCAB = 64
 
@@ -27,14 +28,14 @@ def test_unknown_family_and_size_list_the_allowed_ones():
     ("delta_net", "tiny", 16, 2), ("gated_deltaproduct", "tiny", 16, 2),
 ])
 def test_named_sizes(family, size, d_k, layers):
-    from keyred.models import model_config
+    from keyred.fla.models import model_config
     config = model_config(family, size)
     assert config.model_type == family
     assert key_head_dim(config) == d_k and config.num_hidden_layers == layers
 
 
 def test_small_size_is_about_30M_without_embeddings():
-    from keyred.models import count_parameters
+    from keyred.fla.models import count_parameters
     with torch.device("meta"):
         model = build_model("delta_net", "small")
     assert 20e6 < count_parameters(model, include_embeddings=False) < 40e6

@@ -10,9 +10,9 @@ def names(module):
 
 
 def test_train_stage_sources_follow_imports_transitively():
-    sources = names("keyred.train")
+    sources = names("keyred.training.lm")
     # direct imports, lazy imports inside functions, and what those import in turn
-    assert {"train.py", "config.py", "packing.py", "models.py", "io.py", "backend.py", "__init__.py"} <= sources
+    assert {"training/lm.py", "config.py", "data/packing.py", "fla/models.py", "io.py", "fla/backend.py", "__init__.py"} <= sources
     assert "kernels/delta_rule.py" in sources and "kernels/__init__.py" in sources
     assert "figures.py" not in sources
 
@@ -26,10 +26,10 @@ def test_digest_changes_only_with_the_stage_sources(tmp_path, monkeypatch):
     shutil.copytree(REPO / "keyred", copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
     provenance.stage_sources.cache_clear()
-    before = {m: provenance.code_digest(m) for m in ("keyred.train", "keyred.figures")}
+    before = {m: provenance.code_digest(m) for m in ("keyred.training.lm", "keyred.figures")}
     (copy / "figures.py").write_text((copy / "figures.py").read_text() + "\n# changed\n")
     provenance.stage_sources.cache_clear()
-    after = {m: provenance.code_digest(m) for m in ("keyred.train", "keyred.figures")}
-    assert after["keyred.train"] == before["keyred.train"]
+    after = {m: provenance.code_digest(m) for m in ("keyred.training.lm", "keyred.figures")}
+    assert after["keyred.training.lm"] == before["keyred.training.lm"]
     assert after["keyred.figures"] != before["keyred.figures"]
     provenance.stage_sources.cache_clear()

@@ -1,4 +1,4 @@
-"""keyred.prune: settings, per-method channel choice, surgery, reloadable checkpoints, CLI.
+"""keyred.reduction.prune: settings, per-method channel choice, surgery, reloadable checkpoints, CLI.
 
 Tiny models of the three families, calibrated on the packed Wikipedia sample. Paths that must
 agree: ratio 0 == original (bit for bit), a model whose Q/K channels are permuted within heads
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from keyred.config import ConfigError
-from keyred.models import FAMILIES
-from keyred.prune import (METHODS, PruneSettings, apply_selection, check_prunable, checkpoint_key_dim, exact_ratio,
+from keyred.fla.families import FAMILIES
+from keyred.reduction.prune import (METHODS, PruneSettings, apply_selection, check_prunable, checkpoint_key_dim, exact_ratio,
                           main, new_key_dim, pca_conv_error, prune_checkpoint, prune_model, prune_settings,
                           select_channels)
 
@@ -35,7 +35,7 @@ def settings(method, ratio, **changes):
 
 @pytest.fixture(scope="module")
 def models():
-    from keyred.models import build_model
+    from keyred.fla.models import build_model
 
     return {family: build_model(family, "tiny", vocab_size=512, seed=0).eval() for family in FAMILIES}
 
@@ -47,7 +47,7 @@ def packed(packed_wikipedia):
 
 @pytest.fixture(scope="module")
 def tokens(packed):
-    from keyred.packing import PackedTokens
+    from keyred.data.packing import PackedTokens
 
     return torch.from_numpy(PackedTokens(packed, "validation").sequences(72)[:1].astype(np.int64))
 
@@ -202,7 +202,7 @@ def test_pca_projects_and_reports_its_conv_error(family, models, packed):
         transform = w_new @ torch.linalg.pinv(w_old)
         torch.testing.assert_close(transform @ transform.T, torch.eye(8, dtype=torch.float64), atol=1e-4, rtol=0)
     # the error measure itself is 0 for a pure channel selection (a conv follows a selection exactly)
-    from keyred.packing import PackedTokens
+    from keyred.data.packing import PackedTokens
 
     windows = PackedTokens(packed, "train").sequences(128)[:2]
     selection = select_channels(model, settings("l1", 0.5), 8)
@@ -268,7 +268,7 @@ def test_taylor_follows_the_gradients(family, models, packed):
 def checkpoints(models, packed, tmp_path_factory):
     """Per family: the source checkpoint, it pruned by l1 at 0.5 (delta_net through the CLI), and
     that pruned again by random at 0.5."""
-    from keyred.models import new_info, save_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
 
     root = tmp_path_factory.mktemp("prune")
     folders = {}
@@ -288,7 +288,7 @@ def checkpoints(models, packed, tmp_path_factory):
 
 
 def test_checkpoint_metadata(checkpoints, models, tokens):
-    from keyred.models import load_checkpoint, read_info
+    from keyred.checkpoints import load_checkpoint, read_info
 
     for family, folders in checkpoints.items():
         info = read_info(folders.once)
@@ -312,9 +312,9 @@ def test_checkpoint_metadata(checkpoints, models, tokens):
 
 
 def test_a_finetuned_pruned_model_counts_as_pruned(checkpoints, tmp_path):
-    """keyred.finetune nests its input's metadata under "source"."""
+    """keyred.training.lora nests its input's metadata under "source"."""
     from keyred.io import write_json
-    from keyred.models import read_info
+    from keyred.checkpoints import read_info
 
     finetuned = tmp_path / "finetuned"
     shutil.copytree(checkpoints["gated_deltanet"].once, finetuned)
@@ -358,7 +358,7 @@ def test_pruned_checkpoints_reload_with_plain_transformers(checkpoints):
 
 
 def test_cli_refuses_bad_input_before_loading(models, packed, tmp_path, capsys):
-    from keyred.models import new_info, save_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
 
     source = tmp_path / "source"
     save_checkpoint(models["gated_deltanet"], source, new_info("gated_deltanet", "tiny", stage="train"))

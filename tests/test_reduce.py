@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from keyred.config import validate_config
-from keyred.models import build_model, key_head_dim, load_checkpoint, new_info, save_checkpoint
-from keyred.reduce import main
+from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+from keyred.fla.families import key_head_dim
+from keyred.fla.models import build_model
+from keyred.reduction.sweep import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

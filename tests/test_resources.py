@@ -1,7 +1,7 @@
 """keyred.resources: the cluster resources of every workflow job, from one table."""
 import pytest
 
-from keyred import models
+from keyred.fla import families as models
 from keyred.resources import KEYS, MODEL_STAGES, SHAPE_STAGES, SIZES, STAGES, job_resources
 
 

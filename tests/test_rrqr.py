@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from keyred.rrqr import (RRQRSelection, max_rho, pivoted_qr_selection, strong_rrqr,
+from keyred.reduction.rrqr import (RRQRSelection, max_rho, pivoted_qr_selection, strong_rrqr,
                          strong_rrqr_reference)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 
 from keyred.config import ConfigError
-from keyred.groups import NAME_GRAMMAR, build_group
-from keyred.state_tracking import (StateTrackingModel, StateTrackingTraining, _TrainingBatches, longest_solved,
+from keyred.data.groups import NAME_GRAMMAR, build_group
+from keyred.tracking.run import (StateTrackingModel, StateTrackingTraining, _TrainingBatches, longest_solved,
                                    main, score_predictions, settings_from_spec)
-from keyred.word_problems import prefix_products
+from keyred.data.word_problems import prefix_products
 
 # ------------------------------------------------------------------------------------ settings
 
@@ -110,7 +110,7 @@ def test_longest_solved(curve, threshold, expected):
 def test_predictions_at_position_t_see_only_the_first_t_elements():
     import torch
 
-    from keyred.state_tracking import build_state_tracking_model, element_logits, predict, with_bos
+    from keyred.tracking.run import build_state_tracking_model, element_logits, predict, with_bos
 
     group = build_group("S3")
     model = build_state_tracking_model(StateTrackingModel(), group.order, seed=1).eval()
@@ -129,7 +129,7 @@ def test_predictions_at_position_t_see_only_the_first_t_elements():
 @pytest.mark.parametrize("allow_neg_eigval", [True, False])
 def test_parity_needs_negative_eigenvalues(allow_neg_eigval):
     """DP_1[-1,1] (DeltaNet-like) learns Z2 and solves twice the training length; DP_1[0,1] cannot."""
-    from keyred.state_tracking import run_state_tracking
+    from keyred.tracking.run import run_state_tracking
 
     model = StateTrackingModel(num_householder=1, allow_neg_eigval=allow_neg_eigval)
     training = StateTrackingTraining(group="Z2", train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2,
@@ -147,7 +147,7 @@ def test_parity_needs_negative_eigenvalues(allow_neg_eigval):
 
 
 def test_time_limit_stops_at_the_next_evaluation_and_keeps_the_best_model():
-    from keyred.state_tracking import run_state_tracking
+    from keyred.tracking.run import run_state_tracking
 
     training = StateTrackingTraining(group="Z2", train_length=8, test_length=8, batch_size=8, steps=50, eval_every=5,
                                      val_samples=16, test_samples=16, time_limit_minutes=1e-9)
@@ -164,7 +164,7 @@ def test_time_limit_stops_at_the_next_evaluation_and_keeps_the_best_model():
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (fla's Triton kernels)")
 def test_state_tracking_learns_on_the_gpu_with_fla_kernels():
     """The same parity run as on CPU, through fla's Triton chunk kernels in bf16 autocast."""
-    from keyred.state_tracking import run_state_tracking
+    from keyred.tracking.run import run_state_tracking
 
     training = StateTrackingTraining(group="Z2", train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2,
                                      eval_every=25, val_samples=200, test_samples=500, seed=0)
@@ -174,7 +174,7 @@ def test_state_tracking_learns_on_the_gpu_with_fla_kernels():
 
 
 def test_cli_writes_checkpoint_and_tables(tmp_path, capsys):
-    from keyred.models import load_checkpoint
+    from keyred.checkpoints import load_checkpoint
 
     spec = {"model": {"num_householder": 2, "allow_neg_eigval": False},
             "train": {"group": "Z3", "train_length": 12, "test_length": 8, "batch_size": 8, "steps": 4,

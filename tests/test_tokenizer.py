@@ -5,8 +5,8 @@ import json
 import pytest
 
 from keyred.config import ConfigError
-from keyred.corpus import CorpusSettings, build_corpus, read_documents
-from keyred.tokenizer import (EOS_TOKEN, TokenizerSettings, build_tokenizer, load_tokenizer, main, separator_id,
+from keyred.data.corpus import CorpusSettings, build_corpus, read_documents
+from keyred.data.tokenizer import (EOS_TOKEN, TokenizerSettings, build_tokenizer, load_tokenizer, main, separator_id,
                               tokenizer_settings, train_bpe)
 
 UNICODE_TEXTS = [

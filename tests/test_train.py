@@ -14,8 +14,9 @@ import torch
 
 from conftest import REPO
 from keyred.config import ConfigError, settings_from_dict, validate_config
-from keyred.models import FAMILIES, load_checkpoint
-from keyred.train import (BatchOrder, ModelChoice, NonFiniteLossError, TrainSettings, torchrun_command,
+from keyred.checkpoints import load_checkpoint
+from keyred.fla.families import FAMILIES
+from keyred.training.lm import (BatchOrder, ModelChoice, NonFiniteLossError, TrainSettings, torchrun_command,
                           train_language_model, unigram_loss)
 
 QUIET = dict(log=lambda *_: None)
@@ -30,7 +31,7 @@ def spec(family="delta_net", **train) -> str:
 
 
 def run_cli(root, out, spec_json, *extra, wait=True):
-    command = [sys.executable, "-m", "keyred.train", "--name", "m", "--spec", spec_json, "--device", "cpu",
+    command = [sys.executable, "-m", "keyred.training.lm", "--name", "m", "--spec", spec_json, "--device", "cpu",
                "--threads", "1", "--packed", str(root / "packed"), "--out", str(out / "checkpoint"),
                "--losses", str(out / "losses.csv"), "--resume-dir", str(out / "resume"), *extra]
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -73,9 +74,9 @@ def test_sequence_longer_than_the_data_fails_before_training(packed_wikipedia):
 
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_state(packed_wikipedia, tmp_path, monkeypatch):
-    import keyred.train
+    import keyred.training.lm
 
-    real_step = keyred.train.clip_and_step
+    real_step = keyred.training.lm.clip_and_step
     calls = []
 
     def poison_after_step_7(model, optimizer, grad_clip):
@@ -84,7 +85,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_state(packed_wikipedia,
         if len(calls) == 7:
             model.get_input_embeddings().weight.data[:] = float("nan")
 
-    monkeypatch.setattr(keyred.train, "clip_and_step", poison_after_step_7)
+    monkeypatch.setattr(keyred.training.lm, "clip_and_step", poison_after_step_7)
     train = settings(steps=20, batch_size=2, seq_len=32, checkpoint_every=5)
     with pytest.raises(NonFiniteLossError, match="t: training loss is nan at step 7 .lr "):
         train_language_model("t", ModelChoice("delta_net", "tiny"), packed_wikipedia / "packed", train, "cpu",

@@ -6,9 +6,9 @@ import warnings
 import numpy as np
 import pytest
 
-from keyred import word_problems
-from keyred.groups import build_group, lexicographic_permutations
-from keyred.word_problems import (all_sequences, main, make_word_problems, prefix_products, read_word_problems,
+from keyred.data import word_problems
+from keyred.data.groups import build_group, lexicographic_permutations
+from keyred.data.word_problems import (all_sequences, main, make_word_problems, prefix_products, read_word_problems,
                                   sample_sequences, write_word_problems)
 
 

@@ -128,11 +128,11 @@ def test_the_paper_config_benchmarks_the_1_3b_shape_from_cuda_graphs(workdir):
     shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
     result = snakemake(workdir, "-n", "-p", "--cores", "2", "bench_mixer", "bench_decode",
                        "--configfile", "configs/lm_paper_340M.yaml", "--replace-workflow-config")
-    commands = [line for line in result.stdout.splitlines() if "-m keyred.bench" in line]
+    commands = [line for line in result.stdout.splitlines() if "-m keyred.bench.run" in line]
     assert len(commands) == 2
     for command in commands:
         assert "--cuda-graph" in command and "--hidden 2048" in command and "--key-dims 128 64 32" in command
-    mixer = next(command for command in commands if "keyred.bench mixer" in command)
+    mixer = next(command for command in commands if "keyred.bench.run mixer" in command)
     assert "--passes forward --cuda-graph" in mixer
 
 

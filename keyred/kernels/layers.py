@@ -1,7 +1,7 @@
 """Norms, short convolutions, GLU activations and cross-entropy losses in plain torch.
 
 Each public function has the signature and the semantics of the fla 0.6.0 Triton entry point it
-stands in for (`keyred.backend` routes fla's call sites here when the tensors are not on a GPU).
+stands in for (`keyred.fla.backend` routes fla's call sites here when the tensors are not on a GPU).
 Like fla's kernels they compute in float32 (in float64 for float64 inputs, which fla's kernels
 would round to float32) and return results in the input's dtype; autograd gives the backward.
 Features fla's callers never reach on these models (vocabulary-parallel losses, context

@@ -1,4 +1,4 @@
-# Speed and memory (keyred.bench): single-mixer scaling and recurrent decoding on random-weight
+# Speed and memory (keyred.bench.run): single-mixer scaling and recurrent decoding on random-weight
 # shapes at several key dims, the whole-model forward of every reduced model and its pruned
 # checkpoints; then the tables and figures.
 
@@ -12,14 +12,14 @@ rule bench_mixer:
         graph="--cuda-graph" if BENCH["mixer"]["cuda_graph"] else "",
         timing=BENCH_TIMING,
         device=config["device"],
-        code=code_digest("keyred.bench"),
+        code=code_digest("keyred.bench.run"),
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
     log:
         log_path("bench", "mixer.log"),
     shell:
-        "{PYTHON} -m keyred.bench mixer --families {params.mixer[families]} --hidden {params.shape[hidden_size]}"
+        "{PYTHON} -m keyred.bench.run mixer --families {params.mixer[families]} --hidden {params.shape[hidden_size]}"
         " --heads {params.shape[num_heads]} --value-dim {params.shape[value_dim]} --key-dims {params.shape[key_dims]}"
         " --batch {params.mixer[batch]} --seq-len {params.mixer[seq_len]} --passes {params.mixer[passes]}"
         " {params.graph} {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
@@ -34,14 +34,14 @@ rule bench_decode:
         graph="--cuda-graph" if BENCH["decode"]["cuda_graph"] else "",
         timing=BENCH_TIMING,
         device=config["device"],
-        code=code_digest("keyred.bench"),
+        code=code_digest("keyred.bench.run"),
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
     log:
         log_path("bench", "decode.log"),
     shell:
-        "{PYTHON} -m keyred.bench decode --families delta_net --hidden {params.shape[hidden_size]}"
+        "{PYTHON} -m keyred.bench.run decode --families delta_net --hidden {params.shape[hidden_size]}"
         " --layers {params.shape[num_layers]} --heads {params.shape[num_heads]} --value-dim {params.shape[value_dim]}"
         " --key-dims {params.shape[key_dims]} --batches {params.decode[batches]} --prompt-len {params.decode[prompt_len]}"
         " --steps {params.decode[steps]} {params.graph} {params.timing} --device {params.device} --threads {threads}"
@@ -58,14 +58,14 @@ rule bench_models:
         model=BENCH["model"],
         timing=BENCH_TIMING,
         device=config["device"],
-        code=code_digest("keyred.bench"),
+        code=code_digest("keyred.bench.run"),
     threads: config["threads"]
     resources:
         **model_resources("bench"),
     log:
         log_path("bench", "models", "{model}.log"),
     shell:
-        "{PYTHON} -m keyred.bench model --name {wildcards.model} --checkpoints {input.checkpoint}"
+        "{PYTHON} -m keyred.bench.run model --name {wildcards.model} --checkpoints {input.checkpoint}"
         " --reductions {input.reduced} --batch {params.model[batch]} --seq-len {params.model[seq_len]}"
         " {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 

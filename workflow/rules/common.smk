@@ -6,11 +6,11 @@ import sys
 sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 
 from keyred.config import ConfigError, validate_config
-from keyred.groups import group_order
+from keyred.data.groups import group_order
 from keyred.provenance import code_digest
-from keyred.prune import METHODS
+from keyred.reduction.prune import METHODS
 from keyred.resources import KEYS as RESOURCE_KEYS, job_resources
-from keyred.state_tracking import sweep_run_spec
+from keyred.tracking.run import sweep_run_spec
 
 try:
     config.update(validate_config(config))
@@ -45,7 +45,7 @@ if REDUCTION["methods"] and ANALYSIS["ratio"] not in REDUCTION["ratios"]:
     raise WorkflowError(f"config key 'analysis.ratio': {ANALYSIS['ratio']} is not one of reduction.ratios "
                         f"({', '.join(map(str, REDUCTION['ratios']))})")
 BENCH = config["bench"]
-BENCH_TIMING = f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}"  # keyred.bench options of every benchmark
+BENCH_TIMING = f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}"  # keyred.bench.run options of every benchmark
 
 
 # State-tracking sweep: eigenvalue ranges by path-friendly name.

@@ -9,13 +9,13 @@ rule corpus:
         directory(data_path("corpus")),
     params:
         spec=json.dumps(config["corpus"], sort_keys=True),
-        code=code_digest("keyred.corpus"),
+        code=code_digest("keyred.data.corpus"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "corpus.log"),
     shell:
-        "{PYTHON} -m keyred.corpus --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.data.corpus --spec {params.spec:q} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -26,13 +26,13 @@ rule tokenizer:
         directory(data_path("tokenizer")),
     params:
         spec=json.dumps(config["tokenizer"], sort_keys=True),
-        code=code_digest("keyred.tokenizer"),
+        code=code_digest("keyred.data.tokenizer"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "tokenizer.log"),
     shell:
-        "{PYTHON} -m keyred.tokenizer --spec {params.spec:q} --corpus {input} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.data.tokenizer --spec {params.spec:q} --corpus {input} --out {output} > {log} 2>&1"
 
 
 rule packing:
@@ -44,11 +44,11 @@ rule packing:
         directory(data_path("packed")),
     params:
         max_train_tokens=max_train_tokens_option(),
-        code=code_digest("keyred.packing"),
+        code=code_digest("keyred.data.packing"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "packing.log"),
     shell:
-        "{PYTHON} -m keyred.packing --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output}"
+        "{PYTHON} -m keyred.data.packing --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output}"
         " {params.max_train_tokens} > {log} 2>&1"

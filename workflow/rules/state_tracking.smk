@@ -11,7 +11,7 @@ rule state_tracking_run:
         spec=tracking_spec,
         device=config["device"],
         out=lambda wildcards, output: os.path.dirname(output.summary),
-        code=code_digest("keyred.state_tracking"),
+        code=code_digest("keyred.tracking.run"),
     threads: config["threads"]
     resources:
         **stage_resources("state_tracking"),
@@ -20,7 +20,7 @@ rule state_tracking_run:
     benchmark:
         path("benchmarks", "state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}_seed{seed}.tsv")
     shell:
-        "{PYTHON} -m keyred.state_tracking --spec {params.spec:q} --device {params.device}"
+        "{PYTHON} -m keyred.tracking.run --spec {params.spec:q} --device {params.device}"
         " --threads {threads} --out {params.out} > {log} 2>&1"
 
 

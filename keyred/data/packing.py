@@ -1,8 +1,8 @@
 """Stage: tokenise the corpus splits into flat token streams for language-model training and evaluation.
 
-    python -m keyred.packing --corpus results/corpus --tokenizer results/tokenizer --out results/packed
+    python -m keyred.data.packing --corpus results/corpus --tokenizer results/tokenizer --out results/packed
 
-Each split of a keyred.corpus folder becomes ONE 1-D token stream `{split}.npy`: doc_1 tokens,
+Each split of a keyred.data.corpus folder becomes ONE 1-D token stream `{split}.npy`: doc_1 tokens,
 EOS, doc_2 tokens, EOS, ... in corpus order, so every token of every document is kept. The
 tokenizer adds no special tokens, and a literal "<|endoftext|>" inside a document is encoded as
 plain text, so EOS appears only after each document. dtype uint16 when the vocabulary has at most
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import bad_input, progress
+from keyred.console import bad_input, progress
 from keyred.config import ConfigError
-from keyred.corpus import SPLITS, read_documents
-from keyred.tokenizer import load_tokenizer, separator_id
+from keyred.data.corpus import SPLITS, read_documents
+from keyred.data.tokenizer import load_tokenizer, separator_id
 
 INFO_FILE = "packed.json"
 ENCODE_BATCH = 512                      # documents encoded at a time
@@ -122,7 +122,7 @@ def pack_corpus(corpus: str | Path, tokenizer_folder: str | Path, out: str | Pat
     split_files = {split: corpus / f"{split}.jsonl" for split in SPLITS}
     for path in split_files.values():
         if not path.is_file():
-            raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.corpus")
+            raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.data.corpus")
     tokenizer = load_tokenizer(tokenizer_folder)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
@@ -151,7 +151,7 @@ def read_packed_info(folder: str | Path) -> dict:
     """The contents of packed.json in `folder`."""
     path = Path(folder) / INFO_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder} has no {INFO_FILE}: make the packed data with python -m keyred.packing")
+        raise ConfigError(f"{folder} has no {INFO_FILE}: make the packed data with python -m keyred.data.packing")
     return json.loads(path.read_text())
 
 
@@ -204,9 +204,9 @@ class PackedTokens:
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.packing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="keyred.corpus folder (train/validation/test.jsonl)")
-    parser.add_argument("--tokenizer", required=True, help="keyred.tokenizer folder")
+    parser = argparse.ArgumentParser(prog="python -m keyred.data.packing", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", required=True, help="keyred.data.corpus folder (train/validation/test.jsonl)")
+    parser.add_argument("--tokenizer", required=True, help="keyred.data.tokenizer folder")
     parser.add_argument("--out", required=True, help="folder for train/validation/test.npy and packed.json")
     parser.add_argument("--max-train-tokens", type=int, default=None, help="cut the train stream at this many tokens")
     args = parser.parse_args(argv)

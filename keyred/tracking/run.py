@@ -1,9 +1,9 @@
 """Stage: train a Gated DeltaProduct on a group word problem and measure how far it tracks the state.
 
-    python -m keyred.state_tracking --spec '{"model": {"num_householder": 2, "allow_neg_eigval": true},
+    python -m keyred.tracking.run --spec '{"model": {"num_householder": 2, "allow_neg_eigval": true},
         "train": {"group": "S3", "train_length": 32, "test_length": 64}}' --out results/state_tracking/run
 
-A sample is a sequence x_1..x_k of group elements (keyred.word_problems); the model reads
+A sample is a sequence x_1..x_k of group elements (keyred.data.word_problems); the model reads
 [BOS, x_1, ..., x_k] (BOS is token |G|) and at the position of x_t predicts the prefix product
 x_1 o ... o x_t, with per-position cross-entropy. Training runs a fixed number of optimizer
 `steps`: each step takes `batch_size` fresh random sequences of length k (train_samples = 0), or
@@ -14,7 +14,7 @@ Every `eval_every` steps the model is scored on a validation set of length k_tes
 model by validation sequence accuracy (ties: token accuracy) is kept, and training stops early once it reaches
 `early_stop_accuracy`. The kept model is then scored on a separate test set of length k_test.
 
-Outputs in --out: `checkpoint/` (keyred.models.save_checkpoint, stage 'state_tracking'),
+Outputs in --out: `checkpoint/` (keyred.checkpoints.save_checkpoint, stage 'state_tracking'),
 `curve.csv` (one row per position t: fraction of sequences all correct up to t, token accuracy
 at t), `summary.csv` (one row: final accuracies, longest solved length, training facts) and
 `history.csv` (one row per evaluation: step, loss, lr, validation accuracy, tokens/s).
@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, require, settings_from_dict
-from keyred.groups import Group, build_group, parse_group_name
-from keyred.word_problems import make_word_problems, prefix_products
+from keyred.data.groups import Group, build_group, parse_group_name
+from keyred.data.word_problems import make_word_problems, prefix_products
 
 FAMILY = "gated_deltaproduct"
 STAGE = "state_tracking"
@@ -136,7 +136,7 @@ class StateTrackingTraining:
         require(self.warmup_steps < self.steps, "train.warmup_steps",
                  f"must be below train.steps ({self.steps}), got {self.warmup_steps}")
 
-    # keyred.train.learning_rate reads these names: cosine decay all the way to 0
+    # keyred.training.lm.learning_rate reads these names: cosine decay all the way to 0
     min_lr_ratio: typing.ClassVar[float] = 0.0
 
 
@@ -178,10 +178,9 @@ def build_state_tracking_model(settings: StateTrackingModel, group_order: int, s
 
     import torch
 
-    from keyred.models import _fla_models
+    from keyred.fla.models import CONFIG_CLASSES, fla_models
 
-    fla_models = _fla_models()
-    config = fla_models.GatedDeltaProductConfig(
+    config = CONFIG_CLASSES["gated_deltaproduct"](
         vocab_size=group_order + 1, bos_token_id=group_order, eos_token_id=None, pad_token_id=None,
         hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers, num_heads=settings.num_heads,
         head_dim=settings.head_dim, expand_v=settings.expand_v, num_householder=settings.num_householder,
@@ -212,7 +211,7 @@ def predict(model, group: Group, inputs: np.ndarray, device: str = "cpu") -> np.
     """Predicted prefix products [N, k] (int64) for element sequences [N, k], batch by batch."""
     import torch
 
-    from keyred.train import mixed_precision
+    from keyred.training.lm import mixed_precision
 
     model.eval()
     predictions = []
@@ -368,7 +367,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     """
     import torch
 
-    from keyred.train import learning_rate, mixed_precision, optimizer_step, parameter_groups
+    from keyred.training.lm import learning_rate, mixed_precision, optimizer_step, parameter_groups
 
     group = build_group(settings.group)
     model = build_state_tracking_model(model_settings, group.order, seed=settings.seed).to(device)
@@ -471,7 +470,7 @@ def run_state_tracking(model_settings: StateTrackingModel, settings: StateTracki
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.state_tracking", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.tracking.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", required=True, help='JSON: {"model": {...}, "train": {...}} (see the settings '
                                                       "classes StateTrackingModel and StateTrackingTraining)")
     parser.add_argument("--out", required=True, help="folder for checkpoint/, curve.csv, summary.csv, history.csv")
@@ -486,8 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     from pathlib import Path
 
     from keyred import io
-    from keyred.models import new_info, save_checkpoint
-    from keyred.train import NonFiniteLossError
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.training.lm import NonFiniteLossError
 
     try:
         device = torch_device(args.device, args.threads)

@@ -1,10 +1,10 @@
 """Stage: make the tokenizer of the language models, a byte-level BPE trained on the corpus or a hub one.
 
-    python -m keyred.tokenizer --spec '{"kind": "bpe", "vocab_size": 4096}' --corpus results/corpus \
+    python -m keyred.data.tokenizer --spec '{"kind": "bpe", "vocab_size": 4096}' --corpus results/corpus \
         --out results/tokenizer
 
 `bpe` (offline, the default): a byte-level BPE (the `tokenizers` library) trained on the train
-split of a keyred.corpus folder; "<|endoftext|>" (EOS) is its only special token, used as bos,
+split of a keyred.data.corpus folder; "<|endoftext|>" (EOS) is its only special token, used as bos,
 eos and document separator; no pad token. Every string round-trips exactly (decode(encode(text))
 == text) and encoding adds no special tokens. The same corpus and settings give an identical
 tokenizer.json; on the default wikipedia_sample corpus training takes about a second.
@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from keyred.cli import bad_input, progress, read_spec
+from keyred.console import bad_input, progress, read_spec
 from keyred.config import ConfigError, is_int, require, settings_from_dict
 
 KINDS = ("bpe", "hub")
@@ -101,12 +101,12 @@ def load_tokenizer(path: str | Path):
     missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
     if missing:
         raise ConfigError(f"{path} is not a tokenizer folder (missing {', '.join(missing)}); make one with "
-                          f"python -m keyred.tokenizer")
+                          f"python -m keyred.data.tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:                     # tokenizers and transformers raise many kinds on bad files
         raise ConfigError(f"{path}: cannot load the tokenizer ({type(error).__name__}: {error}); the folder is "
-                          f"corrupt, make it again with python -m keyred.tokenizer") from None
+                          f"corrupt, make it again with python -m keyred.data.tokenizer") from None
 
 
 def separator_id(tokenizer) -> int:
@@ -122,7 +122,7 @@ def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out:
 
     Returns the contents of tokenizer_info.json.
     """
-    from keyred.corpus import read_documents
+    from keyred.data.corpus import read_documents
     from keyred.io import atomic_dir, write_json
 
     log = log or (lambda message: None)
@@ -151,9 +151,9 @@ def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.tokenizer", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.data.tokenizer", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default="{}", help="JSON object of TokenizerSettings fields (default: all defaults)")
-    parser.add_argument("--corpus", default=None, help="keyred.corpus folder (kind bpe trains on its train.jsonl)")
+    parser.add_argument("--corpus", default=None, help="keyred.data.corpus folder (kind bpe trains on its train.jsonl)")
     parser.add_argument("--out", required=True, help="folder for the saved tokenizer")
     args = parser.parse_args(argv)
 

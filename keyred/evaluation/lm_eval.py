@@ -1,6 +1,6 @@
 """Stage: evaluate a language model through lm-eval, and its loss beyond the training context.
 
-    python -m keyred.evaluate --checkpoint results/models/deltanet_tiny/checkpoint \
+    python -m keyred.evaluation.lm_eval --checkpoint results/models/deltanet_tiny/checkpoint \
         --tokenizer results/data/tokenizer --heldout results/data/test.jsonl \
         --heldout-tokens results/data/test.npy --context 256 --spec '{"tasks": ["heldout_perplexity"]}' \
         --name deltanet_tiny --method none --ratio 0 --out eval.csv --extrapolation extrapolation.csv
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import add_torch_options, bad_input, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict
-from keyred.corpus import read_documents
+from keyred.data.corpus import read_documents
 
 LOCAL_TASKS = ("heldout_perplexity", "heldout_last_word", "assoc_recall")
 HUB_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
@@ -262,7 +262,7 @@ def length_extrapolation(model, tokens, context: int, factor: int, sequences: in
     import torch
     import torch.nn.functional as F
 
-    from keyred.train import mixed_precision
+    from keyred.training.lm import mixed_precision
 
     if min(context, factor, sequences) < 1:
         raise ConfigError(f"length extrapolation needs context, factor and sequences >= 1, got {context}, {factor}, "
@@ -295,7 +295,7 @@ def with_columns(table, **columns):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.evaluate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.evaluation.lm_eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="model checkpoint folder (or hub name)")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (transformers AutoTokenizer)")
     parser.add_argument("--heldout", required=True, help="held-out documents, jsonl with one {\"text\": ...} a line")
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
     from keyred import io
-    from keyred.models import CheckpointError, load_checkpoint
+    from keyred.checkpoints import CheckpointError, load_checkpoint
     try:
         device = torch_device(args.device, args.threads)
         model, _ = load_checkpoint(args.checkpoint, device=device)

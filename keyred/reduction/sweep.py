@@ -1,15 +1,15 @@
 """Stage: the key-reduction sweep of one model and one method over every ratio: prune, evaluate,
 recover with LoRA, evaluate again.
 
-    python -m keyred.reduce --name deltanet_tiny --checkpoint results/models/deltanet_tiny/checkpoint \
+    python -m keyred.reduction.sweep --name deltanet_tiny --checkpoint results/models/deltanet_tiny/checkpoint \
         --packed results/data/packed --corpus results/data/corpus --tokenizer results/data/tokenizer \
         --method l1 --ratios 0.25 0.5 0.75 --context 128 \
         --spec '{"prune": {...}, "finetune": {...}, "evaluate": {...}}' --out results/reduction/deltanet_tiny/l1
 
 One process per (model, method): fla is imported and the parent loaded once for all ratios.
-For each ratio, keyred.prune reduces d_k of the parent (a plain fla checkpoint); keyred.finetune
+For each ratio, keyred.reduction.prune reduces d_k of the parent (a plain fla checkpoint); keyred.training.lora
 recovers it with LoRA (adapters merged; distillation from the parent when finetune.distill is
-set); keyred.evaluate scores both on the test split. Outputs in --out (written as a whole):
+set); keyred.evaluation.lm_eval scores both on the test split. Outputs in --out (written as a whole):
 `ratio<r>/pruned/` and `ratio<r>/lora/` checkpoints, `evaluation.csv` (model, method, ratio,
 stage = pruned | lora, task, metric, value, n), `length_extrapolation.csv` (the same columns
 with position, loss) and `finetune_loss.csv`.
@@ -21,11 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict
-from keyred.evaluate import EvaluateSettings
-from keyred.finetune import finetune_settings
-from keyred.prune import new_key_dim, prune_settings
+from keyred.evaluation.lm_eval import EvaluateSettings
+from keyred.training.lora import finetune_settings
+from keyred.reduction.prune import new_key_dim, prune_settings
 
 SECTIONS = ("prune", "finetune", "evaluate")
 STAGES = ("pruned", "lora")
@@ -43,7 +43,7 @@ def read_sections(spec, method: str, ratios: list[float]):
 def evaluate_stage(model, tokenizer, documents, heldout_tokens, context: int, settings, device: str,
                    columns: dict, log):
     """(results, extrapolation) DataFrames of one model with `columns` (model, method, ratio, stage) in front."""
-    from keyred.evaluate import evaluate_model, length_extrapolation, with_columns
+    from keyred.evaluation.lm_eval import evaluate_model, length_extrapolation, with_columns
 
     curve = length_extrapolation(model, heldout_tokens, context, settings.extrapolation_factor,
                                  settings.extrapolation_sequences, device, settings.seed)
@@ -63,12 +63,12 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
     import pandas as pd
 
     from keyred import io
-    from keyred.corpus import read_documents
-    from keyred.evaluate import check_vocabulary
-    from keyred.finetune import check_targets, finetune
-    from keyred.models import load_checkpoint, new_info, save_checkpoint
-    from keyred.prune import check_prunable, prune_model
-    from keyred.tokenizer import load_tokenizer
+    from keyred.data.corpus import read_documents
+    from keyred.evaluation.lm_eval import check_vocabulary
+    from keyred.training.lora import check_targets, finetune
+    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.reduction.prune import check_prunable, prune_model
+    from keyred.data.tokenizer import load_tokenizer
 
     prunes, finetuning, evaluation = sections
     parent, parent_info = load_checkpoint(checkpoint, device=device)
@@ -112,13 +112,13 @@ def reduce_model(name: str, checkpoint: str | Path, packed: str | Path, corpus: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.reduce", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.reduction.sweep", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="model name for the tables")
     parser.add_argument("--checkpoint", required=True, help="the unreduced (parent) checkpoint")
-    parser.add_argument("--packed", required=True, help="keyred.packing folder (calibration, LoRA data, held-out tokens)")
-    parser.add_argument("--corpus", required=True, help="keyred.corpus folder (held-out documents)")
-    parser.add_argument("--tokenizer", required=True, help="keyred.tokenizer folder")
-    parser.add_argument("--method", required=True, help="reduction method (keyred.prune.METHODS)")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (calibration, LoRA data, held-out tokens)")
+    parser.add_argument("--corpus", required=True, help="keyred.data.corpus folder (held-out documents)")
+    parser.add_argument("--tokenizer", required=True, help="keyred.data.tokenizer folder")
+    parser.add_argument("--method", required=True, help="reduction method (keyred.reduction.prune.METHODS)")
     parser.add_argument("--ratios", required=True, type=float, nargs="+", help="key-dimension reduction ratios")
     parser.add_argument("--context", required=True, type=int, help="training context (length extrapolation)")
     parser.add_argument("--spec", required=True, help="JSON with the sections prune, finetune, evaluate")
@@ -131,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         return bad_input(error)
 
-    from keyred.models import CheckpointError
-    from keyred.train import NonFiniteLossError
+    from keyred.checkpoints import CheckpointError
+    from keyred.training.lm import NonFiniteLossError
 
     try:
         reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, sections, args.context,

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from keyred.kernels.decode_launch import LAUNCHES
+from keyred.kernels.cuda.decode_launch import LAUNCHES
 
 __all__ = ["CHUNK_OPS", "FLA_CHUNK_SIZE", "SMALL_KEY_CHUNK_SIZE", "SMALL_KEY_DIM", "chunk_launch", "chunk_size_for"]
 

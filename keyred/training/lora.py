@@ -1,6 +1,6 @@
 """Stage: recover a (key-reduced) checkpoint with LoRA, then merge the adapters into a plain fla checkpoint.
 
-    python -m keyred.finetune --checkpoint results/pruned/deltanet_tiny/drrqr_0.5 \
+    python -m keyred.training.lora --checkpoint results/pruned/deltanet_tiny/drrqr_0.5 \
         --packed results/data/packed --spec '{"steps": 200, "distill": true}' \
         --out results/finetuned/deltanet_tiny/drrqr_0.5 --losses results/finetuned/deltanet_tiny/drrqr_0.5.csv
 
@@ -9,7 +9,7 @@ k_proj and v_proj; with `train_extra` the short-convolution kernels, the norm we
 parameter named `*bias` (GatedDeltaNet's `dt_bias`; fla's linears have no bias) are trained in
 full as well; every other base weight is frozen. AdamW on the trainable parameters, linear
 warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA. Data: windows of seq_len
-tokens of the packed train split in the seeded order of keyred.train.BatchOrder.
+tokens of the packed train split in the seeded order of keyred.training.lm.BatchOrder.
 
 LoRA targets must be linear layers that the model calls through their forward, otherwise peft's
 wrapper is never run and the adapter is silently ignored (see `lora_targets`).
@@ -21,7 +21,7 @@ the input, or --teacher). Per token, with temperature T and weight w,
 
 so w = 1 is pure distillation and w = 0.5 an even mix with the language-model loss.
 
-The output is the merged model (merge_and_unload), saved with keyred.models.save_checkpoint;
+The output is the merged model (merge_and_unload), saved with keyred.checkpoints.save_checkpoint;
 keyred.json records stage "finetune", the input checkpoint as parent, the settings, validation
 losses before and after, the trainable parameter count, the seconds taken and the input's own
 extra fields under "source". The losses CSV has one row before training (step 0, validation loss
@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 SECTION = "finetune"
@@ -232,8 +232,8 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     """
     import torch
 
-    from keyred.packing import PackedTokens
-    from keyred.train import (BatchOrder, check_finite, clip_and_step, learning_rate, mixed_precision,
+    from keyred.data.packing import PackedTokens
+    from keyred.training.lm import (BatchOrder, check_finite, clip_and_step, learning_rate, mixed_precision,
                               parameter_groups, validation_loss, validation_windows, window_batch)
 
     start = time.perf_counter()
@@ -312,9 +312,9 @@ def teacher_source(info, explicit: str | None) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.finetune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.training.lora", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="keyred checkpoint folder to recover (e.g. a pruned one)")
-    parser.add_argument("--packed", required=True, help="keyred.packing folder (train/validation .npy)")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (train/validation .npy)")
     parser.add_argument("--spec", required=True, help="JSON of FinetuneSettings (missing keys take the defaults)")
     parser.add_argument("--out", required=True, help="checkpoint folder to write (adapters merged)")
     parser.add_argument("--losses", required=True, help="loss CSV to write")
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = progress
 
-    from keyred.models import CheckpointError, read_info
+    from keyred.checkpoints import CheckpointError, read_info
 
     spec = read_spec(parser, args.spec)
     try:
@@ -338,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from keyred import io
-    from keyred.models import load_checkpoint, new_info, save_checkpoint
-    from keyred.packing import check_vocabulary
-    from keyred.tokenizer import load_tokenizer
-    from keyred.train import NonFiniteLossError
+    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.data.packing import check_vocabulary
+    from keyred.data.tokenizer import load_tokenizer
+    from keyred.training.lm import NonFiniteLossError
 
     try:
         device = torch_device(args.device, args.threads)

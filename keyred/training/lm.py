@@ -1,13 +1,13 @@
 """Stage: train a language model on the packed corpus; write its checkpoint and training-loss table.
 
-    python -m keyred.train --name deltanet_tiny --spec '{"model": {...}, "train": {...}}' \
+    python -m keyred.training.lm --name deltanet_tiny --spec '{"model": {...}, "train": {...}}' \
         --packed results/data/packed --tokenizer results/data/tokenizer \
         --out results/models/deltanet_tiny/checkpoint --losses results/models/deltanet_tiny/train_loss.csv \
         --resume-dir results/models/deltanet_tiny/resume
 
 `--spec` holds the `models.<name>` and `train` sections of the workflow config (the Snakefile
 passes exactly those, so a change elsewhere in the config does not retrain). Data: the train
-split of keyred.packing cut into windows of seq_len tokens, visited in a seeded random order,
+split of keyred.data.packing cut into windows of seq_len tokens, visited in a seeded random order,
 one fresh permutation per epoch. One optimizer step sees batch_size x grad_accumulation x
 world_size windows (world_size = processes under torchrun). AdamW, linear warm-up then cosine
 decay, gradient clipping; bf16 autocast on CUDA, float32 on CPU.
@@ -18,7 +18,7 @@ a function of (seed, step) only, so on CPU the resumed run ends with exactly the
 uninterrupted one. The resume folder is deleted once the final checkpoint is written.
 
 Data parallel: with several GPUs visible the CLI starts itself again under torchrun, one process
-per GPU (CUDA_VISIBLE_DEVICES picks fewer); under `torchrun --nproc_per_node N -m keyred.train ...`
+per GPU (CUDA_VISIBLE_DEVICES picks fewer); under `torchrun --nproc_per_node N -m keyred.training.lm ...`
 every process takes its share of each step's windows (NCCL on CUDA, gloo on CPU); rank 0 logs
 and writes.
 
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, settings_from_dict, validate_config
 
 RESUME_FILE = "state.pt"
@@ -176,7 +176,7 @@ def window_batch(windows: np.ndarray, rows: np.ndarray, device: str):
 
 def validation_windows(packed, seq_len: int, count: int) -> np.ndarray:
     """The first `count` windows [<= count, seq_len] of the packed validation split (a memmap view)."""
-    from keyred.packing import PackedTokens
+    from keyred.data.packing import PackedTokens
 
     return PackedTokens(packed, "validation").sequences(seq_len)[:count]
 
@@ -234,9 +234,9 @@ def start_distributed(device: str) -> Distributed:
 
 
 def torchrun_command(argv: list[str], processes: int) -> list[str]:
-    """The command that runs `python -m keyred.train <argv>` as `processes` torchrun workers on this machine."""
+    """The command that runs `python -m keyred.training.lm <argv>` as `processes` torchrun workers on this machine."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
-            "-m", "keyred.train", *argv]
+            "-m", "keyred.training.lm", *argv]
 
 
 def mean_over_processes(value, where: Distributed):
@@ -285,8 +285,8 @@ def train_language_model(name: str, model_choice: ModelChoice, packed: str | Pat
     """
     import torch
 
-    from keyred.models import build_model
-    from keyred.packing import PackedTokens
+    from keyred.fla.models import build_model
+    from keyred.data.packing import PackedTokens
 
     train_split = PackedTokens(packed, "train")
     windows = train_split.sequences(settings.seq_len)
@@ -371,8 +371,8 @@ def score_pretrained(name: str, model_choice: ModelChoice, packed: str | Path, s
                      device: str, log=print):
     """Load the hub model `model_choice.pretrained` (network needed); return (model, one row with its
     validation loss next to the unigram baseline)."""
-    from keyred.models import load_checkpoint
-    from keyred.packing import PackedTokens, check_vocabulary
+    from keyred.checkpoints import load_checkpoint
+    from keyred.data.packing import PackedTokens, check_vocabulary
 
     model, _ = load_checkpoint(model_choice.pretrained, device=device)
     if model.config.model_type != model_choice.family:
@@ -392,10 +392,10 @@ def score_pretrained(name: str, model_choice: ModelChoice, packed: str | Path, s
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.training.lm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", required=True, help="model name (a key of the config's `models`)")
     parser.add_argument("--spec", required=True, help="JSON with the model and train sections")
-    parser.add_argument("--packed", required=True, help="keyred.packing folder (train/validation .npy)")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (train/validation .npy)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder to save with the checkpoint")
     add_torch_options(parser)
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
@@ -418,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from keyred import io
-    from keyred.models import new_info, save_checkpoint
-    from keyred.tokenizer import load_tokenizer
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.data.tokenizer import load_tokenizer
 
     try:
         device = torch_device(args.device, args.threads)

@@ -1,6 +1,6 @@
 """Stage: reduce the query/key head dimension d_k of a trained fla model (structured pruning).
 
-    python -m keyred.prune --checkpoint results/models/deltanet_tiny/checkpoint \
+    python -m keyred.reduction.prune --checkpoint results/models/deltanet_tiny/checkpoint \
         --packed results/data/packed --spec '{"method": "drrqr", "ratio": 0.5}' \
         --out results/pruned/deltanet_tiny/drrqr_0.5 [--device auto] [--threads N]
 
@@ -17,7 +17,7 @@ k_conv1d have n * H * d_k channels laid out (step, head, channel), and all n key
 the same I_h (they are vectors of the same d_k-dimensional state).
 
 Methods (DESIGN.md 2.2), scores per key channel i of a head; "W_k" means all n key steps:
-- drrqr: strong RRQR (keyred.rrqr) column selection on M_h = [Q_h; K_h], the q/k short-conv
+- drrqr: strong RRQR (keyred.reduction.rrqr) column selection on M_h = [Q_h; K_h], the q/k short-conv
   outputs (after SiLU, before the L2 norm) on the calibration windows, collected by hooks on the
   real layers; rrqr_rows // (1 + n) token positions are sampled (seeded), each giving its q row
   and its n k rows.
@@ -66,7 +66,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from keyred.cli import add_torch_options, bad_input, progress, read_spec, torch_device
+from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
 from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca")
@@ -144,7 +144,7 @@ def new_key_dim(key_dim: int, ratio: float, round_to: int = 1) -> int:
 
 def check_prunable(config) -> int:
     """d_k of a model config (object or namespace of config.json); ConfigError when keyred cannot prune it."""
-    from keyred.models import FAMILIES, key_head_dim
+    from keyred.fla.families import FAMILIES, key_head_dim
 
     require(config.model_type in FAMILIES, "checkpoint",
             f"model type {config.model_type!r} has no linear-attention keys keyred can prune; "
@@ -242,7 +242,7 @@ def project_channels(x, transforms, heads: int):
 
 def calibration_windows(packed: str | Path, count: int, length: int, seed: int) -> np.ndarray:
     """`count` seeded windows [count, length] of the packed train split, in stream order."""
-    from keyred.packing import PackedTokens
+    from keyred.data.packing import PackedTokens
 
     windows = PackedTokens(packed, "train").sequences(length)
     require(len(windows) >= count, "prune.calibration_sequences",
@@ -253,7 +253,7 @@ def calibration_windows(packed: str | Path, count: int, length: int, seed: int) 
 
 def _batches(windows: np.ndarray, batch_size: int, device: str, label: str, log):
     """Yield (row slice, token ids [b, L]) over the windows, logging progress."""
-    from keyred.train import window_batch
+    from keyred.training.lm import window_batch
 
     start = time.perf_counter()
     for first in range(0, len(windows), batch_size):
@@ -270,7 +270,7 @@ def _run_with_hooks(model, layers, windows, settings, device, label, log, record
     every layer's q_proj / k_proj call (which = 'q' / 'k', rows = the batch's window slice)."""
     import torch
 
-    from keyred.train import mixed_precision
+    from keyred.training.lm import mixed_precision
 
     current = {}
 
@@ -334,7 +334,7 @@ def activation_statistics(model, layers, windows: np.ndarray, settings: PruneSet
 
 def taylor_gradients(model, layers, windows: np.ndarray, settings: PruneSettings, device: str, log) -> list[tuple]:
     """Per layer (dL/dW_q, dL/dW_k), L the mean LM loss over the calibration windows [N, L]."""
-    from keyred.train import mixed_precision
+    from keyred.training.lm import mixed_precision
 
     wanted = {id(layer.q_proj.weight) for _, layer in layers} | {id(layer.k_proj.weight) for _, layer in layers}
     trainable = {id(parameter): parameter.requires_grad for parameter in model.parameters()}
@@ -386,7 +386,7 @@ def _rrqr(matrices: list, count: int, settings: PruneSettings) -> Selection:
     one is visible (all heads of a layer batched), else on the CPU."""
     import torch
 
-    from keyred.rrqr import strong_rrqr
+    from keyred.reduction.rrqr import strong_rrqr
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     results = [strong_rrqr(m.to(device, torch.float64), count, f=settings.rrqr_f, max_swaps=settings.max_swaps)
@@ -555,9 +555,9 @@ def prune_checkpoint(checkpoint: str | Path, settings: PruneSettings, out: str |
     """Load, prune and save a checkpoint (with its tokenizer when it has one) into `out`; keyred.json
     records stage 'prune', the parent checkpoint and prune_model's fields, plus pruned_again_from
     when the source descends from a pruned model (earlier_pruning)."""
-    from keyred.models import load_checkpoint, new_info, save_checkpoint
-    from keyred.packing import check_vocabulary
-    from keyred.tokenizer import TOKENIZER_FILES, load_tokenizer
+    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.data.packing import check_vocabulary
+    from keyred.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 
     checkpoint = Path(checkpoint)
     key_dim = checkpoint_key_dim(checkpoint)
@@ -580,9 +580,9 @@ def prune_checkpoint(checkpoint: str | Path, settings: PruneSettings, out: str |
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.prune", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.reduction.prune", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="checkpoint folder to prune")
-    parser.add_argument("--packed", required=True, help="keyred.packing folder (calibration windows: train split)")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (calibration windows: train split)")
     parser.add_argument("--spec", required=True,
                         help="JSON of PruneSettings, e.g. '{\"method\": \"l1\", \"ratio\": 0.5}'")
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         return bad_input(error)
 
-    from keyred.models import CheckpointError
+    from keyred.checkpoints import CheckpointError
 
     try:
         prune_checkpoint(args.checkpoint, settings, args.out, args.packed, torch_device(args.device, args.threads), log)

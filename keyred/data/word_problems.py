@@ -1,6 +1,6 @@
 """Group word problems: random element sequences, their prefix products, and CSV files of them.
 
-A sample is a sequence x_1..x_k of element indices of a group G (see keyred.groups); its target at
+A sample is a sequence x_1..x_k of element indices of a group G (see keyred.data.groups); its target at
 position t is the prefix product x_1 o x_2 o ... o x_t. Sequences in one set are distinct and drawn
 uniformly at random (seeded); when fewer than the requested number exist (|G|^k < samples), the set
 is all |G|^k of them, with a warning. Lengths of different sets are independent: a test set may be
@@ -13,7 +13,7 @@ element indices separated by single spaces, `seed` is the generation seed. For e
     seed,input,target
     0,3 1 5,3 2 4
 
-    python -m keyred.word_problems --group S5 --length 512 --samples 100000 --seed 0 --out s5.csv
+    python -m keyred.data.word_problems --group S5 --length 512 --samples 100000 --seed 0 --out s5.csv
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import bad_input, progress
-from keyred.groups import INDEX_DTYPE, Group, build_group
+from keyred.console import bad_input, progress
+from keyred.data.groups import INDEX_DTYPE, Group, build_group
 
 COLUMNS = ("seed", "input", "target")
 ENUMERATE_WHEN_AT_MOST = 4    # sample without replacement from all |G|^k codes when |G|^k <= 4 * samples
@@ -318,7 +318,7 @@ class _RowParser:
 # ------------------------------------------------------------------------------------------- CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.word_problems", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.data.word_problems", description=__doc__.split("\n\n")[0])
     parser.add_argument("--group", required=True, help="group name: S<n>, A<n>, Z<n> or products like A4_x_Z5")
     parser.add_argument("--length", type=int, required=True, help="sequence length k")
     parser.add_argument("--samples", type=int, required=True, help="number of distinct sequences")

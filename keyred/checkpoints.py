@@ -1,4 +1,4 @@
-"""fla language models by family and named size; self-describing checkpoints.
+"""Self-describing checkpoints: save, load and read what a checkpoint is.
 
 A checkpoint is a folder written by `save_pretrained` (config.json + model.safetensors) plus
 `keyred.json` (family, size, parent, seed, versions, and stage-specific fields). It reloads
@@ -16,46 +16,10 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from keyred.fla.families import FAMILIES, check_family
 from keyred.io import atomic_dir, write_json
 
-FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
-SIZES = ("tiny", "small", "340M", "1.3B")
 METADATA_FILE = "keyred.json"
-DEFAULT_VOCAB_SIZE = 32000
-
-# Architecture of each family at each named size (fla config keys). The 340M and 1.3B shapes
-# follow the fla/flame reference configs (DeltaNet 340M: 24 x 1024, 8 heads of 128; DeltaNet
-# 1.3B = fla-hub/delta_net-1.3B-100B: 24 x 2048, 16 heads of 128; Gated DeltaNet: 21 layers,
-# 6 heads with num_heads * head_dim = 0.75 hidden_size as fla's layer docstring prescribes,
-# expand_v 2). Gated DeltaProduct uses the Gated DeltaNet shapes with two Householder steps,
-# a forget gate and eigenvalues in [-1, 1]. `small` is ~27M parameters without embeddings.
-_COMMON = dict(attn_mode="chunk", use_short_conv=True, conv_size=4, hidden_ratio=4, norm_eps=1e-6,
-               tie_word_embeddings=False, fuse_norm=True, fuse_swiglu=True, fuse_cross_entropy=True)
-_PRODUCT = dict(num_householder=2, use_forget_gate=True, allow_neg_eigval=True, use_output_gate=True)
-ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
-    "delta_net": {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, expand_k=1, expand_v=1),
-        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=8, expand_k=1, expand_v=1),
-        "340M": dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, expand_k=1, expand_v=1),
-        "1.3B": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, expand_k=1, expand_v=1),
-    },
-    "gated_deltanet": {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=16, expand_v=2, use_gate=True),
-        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=6, head_dim=64, expand_v=2, use_gate=True),
-        "340M": dict(hidden_size=1024, num_hidden_layers=21, num_heads=6, head_dim=128, expand_v=2, use_gate=True),
-        "1.3B": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2, use_gate=True),
-    },
-    "gated_deltaproduct": {
-        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=16, expand_v=2, **_PRODUCT),
-        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=6, head_dim=64, expand_v=2, **_PRODUCT),
-        "340M": dict(hidden_size=1024, num_hidden_layers=21, num_heads=6, head_dim=128, expand_v=2, **_PRODUCT),
-        "1.3B": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2, **_PRODUCT),
-    },
-}
-
-
-class ModelSpecError(ValueError):
-    """Unknown family or size."""
 
 
 class CheckpointError(ValueError):
@@ -77,65 +41,6 @@ class CheckpointInfo:
     versions: dict[str, str]
     created: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ModelSpecError(f"unknown model family {family!r}; allowed families: {', '.join(FAMILIES)}")
-
-
-def architecture(family: str, size: str) -> dict[str, Any]:
-    """fla config keys for a family at a named size."""
-    _check_family(family)
-    if size not in SIZES:
-        raise ModelSpecError(f"unknown model size {size!r}; allowed sizes: {', '.join(SIZES)}")
-    return {**_COMMON, **ARCHITECTURES[family][size]}
-
-
-def _fla_models():
-    """Import fla's models (slow: ~8 s) and install keyred's CPU kernels behind them."""
-    import fla.models  # noqa: F401  (registers the model types with transformers)
-
-    from keyred.backend import use_torch_kernels_off_gpu
-
-    use_torch_kernels_off_gpu()
-    return fla.models
-
-
-def model_config(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """The transformers config object of an fla family at a named size."""
-    fla_models = _fla_models()
-    config_class = {
-        "delta_net": fla_models.DeltaNetConfig,
-        "gated_deltanet": fla_models.GatedDeltaNetConfig,
-        "gated_deltaproduct": fla_models.GatedDeltaProductConfig,
-    }[family]
-    return config_class(**architecture(family, size), vocab_size=vocab_size)
-
-
-def build_model(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0):
-    """A freshly initialised fla causal LM (float32, CPU), deterministic in `seed`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    config = model_config(family, size, vocab_size)
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config)
-
-
-def key_head_dim(config) -> int:
-    """d_k of an fla config: DeltaNet derives it from expand_k, the gated families store head_dim."""
-    if config.model_type == "delta_net":
-        return int(config.hidden_size * config.expand_k) // config.num_heads
-    return int(config.head_dim)
-
-
-def count_parameters(model, include_embeddings: bool = True) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if include_embeddings:
-        return total
-    embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
-    return total - embedding
 
 
 def package_versions() -> dict[str, str]:
@@ -161,7 +66,7 @@ def new_info(family: str, size: str | None, *, stage: str, seed: int | None = No
 
 def save_checkpoint(model, path: str | Path, info: CheckpointInfo, tokenizer=None) -> Path:
     """Write model (safetensors), optional tokenizer and keyred.json into `path`, atomically."""
-    _check_family(info.family)
+    check_family(info.family)
     if model.config.model_type != info.family:
         raise CheckpointError(f"model is {model.config.model_type!r} but the metadata says {info.family!r}")
     path = Path(path)
@@ -213,7 +118,7 @@ def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
     import torch
     from transformers import AutoModelForCausalLM
 
-    _fla_models()
+    import keyred.fla.models  # noqa: F401  (fla's model types, keyred's CPU kernels)
     path = Path(name_or_path)
     local = path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))
     if local:
@@ -231,5 +136,5 @@ def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
         raise CheckpointError(f"could not load checkpoint {source}: {type(error).__name__}: {error}") from None
     if info is None:
         info = new_info(model.config.model_type, None, stage="hub", parent=source)
-        _check_family(info.family)
+        check_family(info.family)
     return model.to(device).eval(), info

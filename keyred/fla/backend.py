@@ -55,7 +55,7 @@ class Refuse:
 
 
 _LAYERS = "keyred.kernels.layers"
-_OPS = "keyred.backend"
+_OPS = "keyred.fla.backend"
 _ATTNRES = "attnres (config.attnres_block_size)"
 
 CALL_SITES: tuple[Patch | Refuse, ...] = (
@@ -146,13 +146,13 @@ def _owner_of(site: Patch | Refuse) -> tuple[object, str]:
     try:
         owner = importlib.import_module(site.module)
     except ImportError as error:
-        raise UnsupportedFlaError(f"keyred.backend patches {where}, but {site.module} cannot be imported "
+        raise UnsupportedFlaError(f"keyred.fla.backend patches {where}, but {site.module} cannot be imported "
                                   f"({error}); is fla {SUPPORTED_FLA_VERSION} installed?") from error
     *path, name = site.attribute.split(".")
     for part in path:
         owner = getattr(owner, part, None)
     if owner is None or not hasattr(owner, name):
-        raise UnsupportedFlaError(f"keyred.backend patches {where}, which does not exist in the installed fla; "
+        raise UnsupportedFlaError(f"keyred.fla.backend patches {where}, which does not exist in the installed fla; "
                                   f"update CALL_SITES for this fla release")
     return owner, name
 

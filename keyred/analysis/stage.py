@@ -1,22 +1,22 @@
 """Stage: state-rank analysis of the recurrent states of trained models (DESIGN 2.5).
 
-    python -m keyred.analysis --checkpoint results/models/deltanet_tiny/checkpoint \
+    python -m keyred.analysis.stage --checkpoint results/models/deltanet_tiny/checkpoint \
         --checkpoint results/reduction/deltanet_tiny/l1/ratio0.5/lora \
         --packed results/data/packed --seq-len 2048 --out results/analysis/deltanet_tiny.csv
 
-    python -m keyred.analysis --checkpoint results/state_tracking/S3/nh2_neg_L1_seed0 --out s3.csv
+    python -m keyred.analysis.stage --checkpoint results/state_tracking/S3/nh2_neg_L1_seed0 --out s3.csv
 
 For one held-out sequence per checkpoint, the real fla layers run a forward pass (fla's Triton
 kernels on CUDA, bf16; keyred's torch kernels on the CPU, float32) while every delta-rule op they
 call is wrapped, for the duration of the pass only, by a recorder: it keeps what the layer fed the
-op, in the recurrence's own terms (keyred.state_rank): q and k L2-normalised where fla normalises
+op, in the recurrence's own terms (keyred.analysis.measures): q and k L2-normalised where fla normalises
 them in kernel, beta after the sigmoid (and the x2 of allow_neg_eigval) wherever the layer or the
 kernel applies it, the log decay g = -exp(A_log) softplus(a + dt_bias) of the gated families, the
 scale, and the op's output o (before o_norm and o_proj). Both of fla's paths are covered: chunk
 and fused-recurrent (which fla takes for <= 64 tokens; Gated DeltaProduct then runs T * n_h
 sub-steps with zero queries in between, which the recorder folds back into tokens).
 
-keyred.state_rank replays all layers and heads as one float32 batch, reproducing o, and measures
+keyred.analysis.measures replays all layers and heads as one float32 batch, reproducing o, and measures
 the stable-rank utilisation sr(S) / min(d_k, d_v) and the effective rank exp(H(sigma / sum sigma))
 of every state every `--stride` tokens. Unlike the reference implementation, which ignored it,
 the replay applies Gated DeltaNet's (and Gated DeltaProduct's) forget gate: S_t = exp(g_t)
@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from keyred.cli import add_torch_options, bad_input, progress, torch_device
+from keyred.console import add_torch_options, bad_input, progress, torch_device
 from keyred.config import ConfigError
 
 if TYPE_CHECKING:
@@ -111,8 +111,8 @@ class LayerRecord:
 
 
 def check_family(family: str) -> None:
-    """ModelSpecError unless the analysis knows `family` (one of keyred.models.FAMILIES)."""
-    from keyred.models import FAMILIES, ModelSpecError
+    """ModelSpecError unless the analysis knows `family` (one of keyred.checkpoints.FAMILIES)."""
+    from keyred.fla.families import FAMILIES, ModelSpecError
 
     if family not in FAMILIES:
         raise ModelSpecError(f"the state-rank analysis does not know the model family {family!r}; "
@@ -136,7 +136,7 @@ def _layer_record(index: int, op: str, layer, a: dict[str, Any], o) -> LayerReco
 
     from fla.layers import GatedDeltaProduct
 
-    from keyred.backend import gdn_log_decay
+    from keyred.fla.backend import gdn_log_decay
     from keyred.kernels.layers import l2norm
 
     q, k, v = a["q"], a["k"], a["v"]
@@ -225,7 +225,7 @@ def collect_recurrence(model, input_ids) -> list[LayerRecord]:
     linear-attention layer, in layer order. ModelSpecError for a family the analysis does not know."""
     import torch
 
-    from keyred.prune import key_layers
+    from keyred.reduction.prune import key_layers
 
     check_family(getattr(model.config, "model_type", None))
     input_ids = torch.as_tensor(input_ids)
@@ -247,10 +247,10 @@ def collect_recurrence(model, input_ids) -> list[LayerRecord]:
 
 
 def stack_records(records: list[LayerRecord]):
-    """keyred.state_rank.DeltaInputs of all layers and heads, batch index = layer position * H + head."""
+    """keyred.analysis.measures.DeltaInputs of all layers and heads, batch index = layer position * H + head."""
     import torch
 
-    from keyred.state_rank import DeltaInputs
+    from keyred.analysis.measures import DeltaInputs
 
     first = records[0]
     for record in records[1:]:
@@ -277,7 +277,7 @@ def stacked_outputs(records: list[LayerRecord]):
 # ---------------------------------------------------------------------------------- analysis
 
 def rank_table(trace, records: list[LayerRecord]):
-    """Tidy DataFrame of a keyred.state_rank.RankTrace over stack_records(records): layer, head,
+    """Tidy DataFrame of a keyred.analysis.measures.RankTrace over stack_records(records): layer, head,
     step, stable_rank, utilisation, effective_rank, d_k, d_v (one row per layer x head x step)."""
     import pandas as pd
 
@@ -297,7 +297,7 @@ def rank_table(trace, records: list[LayerRecord]):
 
 def analyse_model(model, input_ids, stride: int = 1, svd_driver: str | None = None, log=None):
     """Collect, replay and measure one sequence input_ids [1, T]: rank_table's DataFrame."""
-    from keyred.state_rank import replay
+    from keyred.analysis.measures import replay
 
     log = log or (lambda message: None)
     start = time.perf_counter()
@@ -326,7 +326,7 @@ class Source:
     stage: str
     method: str
     ratio: float
-    info: Any       # keyred.models.CheckpointInfo
+    info: Any       # keyred.checkpoints.CheckpointInfo
     vocab_size: int
 
     @property
@@ -340,7 +340,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     CheckpointError when it does not exist or has no config.json; ModelSpecError for a model
     family the analysis does not know.
     """
-    from keyred.models import CheckpointError
+    from keyred.checkpoints import CheckpointError
 
     path = Path(path)
     if not path.exists():
@@ -360,10 +360,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def default_name(path: Path, info) -> str:
     """The model column: the group and configuration of a state-tracking run, else the `name` of the
     training run it descends from (following parent checkpoints), else family_size or the folder."""
-    from keyred.models import METADATA_FILE, read_info
+    from keyred.checkpoints import METADATA_FILE, read_info
 
     if info.stage == "state_tracking":
-        from keyred.state_tracking import StateTrackingModel
+        from keyred.tracking.run import StateTrackingModel
 
         return f"{info.extra['train']['group']} {StateTrackingModel(**info.extra['model']).label}"
     current = info
@@ -378,8 +378,8 @@ def default_name(path: Path, info) -> str:
 
 def describe_checkpoint(path: str | Path, name: str | None = None) -> Source:
     """Resolve a checkpoint and read what identifies it (no torch, no model loading)."""
-    from keyred.models import METADATA_FILE, new_info, read_info
-    from keyred.prune import earlier_pruning
+    from keyred.checkpoints import METADATA_FILE, new_info, read_info
+    from keyred.reduction.prune import earlier_pruning
 
     path = resolve_checkpoint(path)
     config = json.loads((path / "config.json").read_text())
@@ -395,7 +395,7 @@ def describe_checkpoint(path: str | Path, name: str | None = None) -> Source:
 def language_tokens(packed: str | Path, split: str, seq_len: int, window_seed: int | None) -> tuple[np.ndarray, str]:
     """(tokens [seq_len] int64, description): the first seq_len tokens of the packed split, or a
     window at a uniformly random offset seeded by window_seed."""
-    from keyred.packing import PackedTokens
+    from keyred.data.packing import PackedTokens
 
     stream = PackedTokens(packed, split)
     if seq_len < 1 or seq_len > len(stream):
@@ -408,8 +408,8 @@ def language_tokens(packed: str | Path, split: str, seq_len: int, window_seed: i
 def word_problem_tokens(info, length: int | None, seed: int) -> tuple[np.ndarray, str]:
     """(tokens [length + 1] int64, description): BOS and one seeded word problem of the group a
     state-tracking checkpoint was trained on; length None: the run's test length."""
-    from keyred.groups import build_group
-    from keyred.word_problems import sample_sequences
+    from keyred.data.groups import build_group
+    from keyred.data.word_problems import sample_sequences
 
     group = build_group(info.extra["train"]["group"])
     length = int(info.extra["train"]["test_length"]) if length is None else length
@@ -426,7 +426,7 @@ def analyse_checkpoint(source: Source, tokens: np.ndarray, description: str, dev
     one sequence of tokens [T]: a DataFrame with COLUMNS."""
     import torch
 
-    from keyred.models import load_checkpoint
+    from keyred.checkpoints import load_checkpoint
 
     model, _ = load_checkpoint(source.path, device=device, dtype=torch.bfloat16 if device == "cuda" else None)
     table = analyse_model(model, torch.as_tensor(tokens).unsqueeze(0), stride, svd_driver, log)
@@ -440,14 +440,14 @@ def analyse_checkpoint(source: Source, tokens: np.ndarray, description: str, dev
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    from keyred.corpus import SPLITS
+    from keyred.data.corpus import SPLITS
 
-    parser = argparse.ArgumentParser(prog="python -m keyred.analysis", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.analysis.stage", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="checkpoint folder (or state-tracking run folder); repeat for several")
     parser.add_argument("--name", action="append", default=None,
                         help="model column: once for all checkpoints or once per --checkpoint (default: from metadata)")
-    parser.add_argument("--packed", default=None, help="keyred.packing folder (language-model checkpoints)")
+    parser.add_argument("--packed", default=None, help="keyred.data.packing folder (language-model checkpoints)")
     parser.add_argument("--split", default="test", choices=SPLITS, help="packed split to read (default test)")
     parser.add_argument("--seq-len", type=int, default=None,
                         help=f"tokens per sequence (default {DEFAULT_SEQ_LEN}; state tracking: elements, default "
@@ -457,12 +457,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the word problem (state-tracking checkpoints)")
     parser.add_argument("--stride", type=int, default=1, help="measure the ranks every this many tokens")
     parser.add_argument("--svd-driver", default=None, choices=SVD_DRIVERS,
-                        help="cuSOLVER driver of svdvals on CUDA (default gesvda, checked; see keyred.state_rank)")
+                        help="cuSOLVER driver of svdvals on CUDA (default gesvda, checked; see keyred.analysis.measures)")
     parser.add_argument("--out", required=True, help="CSV file to write")
     add_torch_options(parser)
     args = parser.parse_args(argv)
 
-    from keyred.models import CheckpointError, ModelSpecError
+    from keyred.checkpoints import CheckpointError
+    from keyred.fla.families import ModelSpecError
 
     names = args.name or [None]
     if len(names) not in (1, len(args.checkpoint)):
@@ -478,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                 inputs.append(word_problem_tokens(source.info, args.seq_len, args.seed))
                 continue
             if args.packed is None:
-                raise ConfigError(f"{source.path} is a language model: give --packed (a keyred.packing folder)")
-            from keyred.packing import check_vocabulary
+                raise ConfigError(f"{source.path} is a language model: give --packed (a keyred.data.packing folder)")
+            from keyred.data.packing import check_vocabulary
 
             check_vocabulary(args.packed, source.vocab_size)
             inputs.append(language_tokens(args.packed, args.split, args.seq_len or DEFAULT_SEQ_LEN, args.window_seed))

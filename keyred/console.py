@@ -40,7 +40,7 @@ def torch_device(device: str, threads: int | None) -> str:
     """Set torch's CPU threads (when given) and resolve 'auto' to cuda or cpu (ConfigError if cuda is missing)."""
     import torch
 
-    from keyred.train import resolve_device
+    from keyred.training.lm import resolve_device
 
     if threads:
         torch.set_num_threads(threads)

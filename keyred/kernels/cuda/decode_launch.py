@@ -21,7 +21,7 @@ whose initial state needs no gradient writes the final state over the initial st
 instead of a new tensor (each program reads its tile of the state before writing it, and tiles
 are disjoint, so this is exact). fla's cache then keeps one state tensor per layer for the whole
 generation, which is what lets a decoding step be captured once in a CUDA graph and replayed:
-every replay reads the state the previous one wrote (keyred.bench's graph-captured decoding).
+every replay reads the state the previous one wrote (keyred.bench.run's graph-captured decoding).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Stage: collect natural-English documents and split them into train, validation and test.
 
-    python -m keyred.corpus --spec '{"source": "wikipedia_sample"}' --out results/corpus
+    python -m keyred.data.corpus --spec '{"source": "wikipedia_sample"}' --out results/corpus
 
 Sources (`CorpusSettings.source`):
 
@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.cli import bad_input, progress, read_spec
+from keyred.console import bad_input, progress, read_spec
 from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
 
 SOURCES = ("wikipedia_sample", "hub", "files")
@@ -273,7 +273,7 @@ def read_documents(path: str | Path) -> list[str]:
     """The documents of a split file written by this stage (one {"text": ...} a line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.corpus")
+        raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.data.corpus")
     return list(_read_jsonl(path, "text"))
 
 
@@ -355,7 +355,7 @@ def build_corpus(settings: CorpusSettings, out: str | Path, log: Log = None) -> 
 # ------------------------------------------------------------------------------------------ CLI
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.corpus", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.data.corpus", description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default="{}", help="JSON object of CorpusSettings fields (default: all defaults)")
     parser.add_argument("--out", required=True, help="folder for train/validation/test.jsonl and corpus.json")
     args = parser.parse_args(argv)

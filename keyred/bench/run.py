@@ -1,20 +1,20 @@
 """Stage: speed and memory of fla models and mixers at reduced key dims (DESIGN.md 2.4).
 
-    python -m keyred.bench model --out model.csv --name deltanet_small \
+    python -m keyred.bench.run model --out model.csv --name deltanet_small \
         --checkpoints results/models/deltanet_small/checkpoint \
         --reductions results/reduction/deltanet_small/drrqr --batch 8 --seq-len 2048
-    python -m keyred.bench model --out shapes.csv --families delta_net --size 1.3B \
+    python -m keyred.bench.run model --out shapes.csv --families delta_net --size 1.3B \
         --key-dims 128 64 32 --batch 8 --seq-len 2048
-    python -m keyred.bench mixer --out mixer.csv --families delta_net gated_deltanet --hidden 2048 \
+    python -m keyred.bench.run mixer --out mixer.csv --families delta_net gated_deltanet --hidden 2048 \
         --heads 16 --value-dim 128 --key-dims 128 64 32 --batch 8 --seq-len 2048
-    python -m keyred.bench decode --out decode.csv --families delta_net --size 1.3B \
+    python -m keyred.bench.run decode --out decode.csv --families delta_net --size 1.3B \
         --key-dims 128 64 32 --batches 1 16 64 256 --prompt-len 16 --steps 128
 
 Three kinds, each writing one tidy CSV with the columns COLUMNS (a column that does not apply to
 a kind is empty):
 - model: the whole causal LM's forward (no grad, logits of every position) at one batch x length,
   for every model given, one after the other in one process: checkpoints (--checkpoints), the
-  ratio*/pruned checkpoints of keyred.reduce outputs (--reductions), and random-weight shapes.
+  ratio*/pruned checkpoints of keyred.reduction.sweep outputs (--reductions), and random-weight shapes.
 - mixer: one linear-attention layer (the family's block builds it, as in the model) on random
   hidden states [B, T, D], 'forward' (no grad) and 'forward+backward' (gradients of the layer's
   parameters and input) timed separately.
@@ -26,11 +26,11 @@ a kind is empty):
   caches [B, C, conv_size] and anything else the cache holds.
 
 Shapes: a random-weight model or mixer is ModelShape(family, hidden, layers, heads, d_k, d_v).
---size takes a family's named architecture (keyred.models.ARCHITECTURES, e.g. 1.3B) as the base;
+--size takes a family's named architecture (keyred.checkpoints.ARCHITECTURES, e.g. 1.3B) as the base;
 --hidden, --layers, --heads, --value-dim override it and --key-dims lists the d_k to measure at a
 fixed d_v. Without --size every shape option must be given. DeltaNet sets
 expand_k = H d_k / hidden and expand_v = H d_v / hidden, the gated families head_dim = d_k and
-expand_v = d_v / d_k (keyred.prune.exact_ratio, as pruned checkpoints do).
+expand_v = d_v / d_k (keyred.reduction.prune.exact_ratio, as pruned checkpoints do).
 
 Timing: every repeat first runs an untimed preparation (for decode, the prefill), synchronises,
 then times the call: CUDA events on the GPU, perf_counter on the CPU. `warmup` calls come first
@@ -53,12 +53,12 @@ Kernels: the last warm-up call runs with record_kernels(), which spies on the de
 fla layer modules call (LAYER_OPS). `kernel` names the ops the layers requested (fla switches
 DeltaNet to fused_recurrent_delta_rule for q_len <= 64, and the gated layers without autograd),
 `kernel_backend` the code that ran them: 'triton' (fla's kernels, CUDA tensors) or 'keyred-torch'
-(keyred.backend's torch kernels off the GPU).
+(keyred.fla.backend's torch kernels off the GPU).
 
 Launch (--kernel-launch, CUDA only): 'keyred' (the default) runs fla's kernels with keyred's
 choices, 'fla' with fla's own, so the two can be compared: DeltaNet's fused-recurrent forward
-through keyred.kernels.decode_launch (an autotuned launch) and DeltaNet's chunked op without
-autograd through keyred.kernels.chunk_launch (chunks of 32 tokens for d_k <= 64). --cuda-graph
+through keyred.kernels.cuda.decode_launch (an autotuned launch) and DeltaNet's chunked op without
+autograd through keyred.kernels.cuda.chunk_launch (chunks of 32 tokens for d_k <= 64). --cuda-graph
 (mixer forward, decoding) captures the timed call in a CUDA graph and replays it: GPU time
 without Python and launch overhead, which otherwise dominates at these layer sizes. The `launch`
 column says which, e.g. 'cuda-graph, keyred, chunk 32'.
@@ -82,21 +82,22 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from keyred.cli import add_torch_options, bad_input, progress, torch_device
+from keyred.console import add_torch_options, bad_input, progress, torch_device
 from keyred.config import ConfigError
-from keyred.kernels.chunk_launch import chunk_launch, chunk_size_for
-from keyred.kernels.decode_launch import LAUNCHES, decode_launch
-from keyred.models import DEFAULT_VOCAB_SIZE, FAMILIES, SIZES, CheckpointError
+from keyred.kernels.cuda.chunk_launch import chunk_launch, chunk_size_for
+from keyred.kernels.cuda.decode_launch import LAUNCHES, decode_launch
+from keyred.checkpoints import CheckpointError
+from keyred.fla.families import DEFAULT_VOCAB_SIZE, FAMILIES, SIZES
 
 KINDS = ("model", "mixer", "decode")
 PASSES = ("forward", "forward+backward")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 MAX_CUDA_KEY_DIM = 256  # fla's chunk kernels assert K <= 256
-REDUCED_STAGE = "pruned"  # the checkpoint of a keyred.reduce ratio folder that --reductions benchmarks
+REDUCED_STAGE = "pruned"  # the checkpoint of a keyred.reduction.sweep ratio folder that --reductions benchmarks
 STATE_BYTES = 4  # fla and keyred keep recurrent states in float32
 
-# The delta-rule ops each fla layer module looks up at call time (and keyred.backend routes off the GPU).
+# The delta-rule ops each fla layer module looks up at call time (and keyred.fla.backend routes off the GPU).
 LAYER_OPS: dict[str, tuple[str, ...]] = {
     "fla.layers.delta_net": ("chunk_delta_rule", "fused_recurrent_delta_rule"),
     "fla.layers.gated_deltanet": ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"),
@@ -165,8 +166,8 @@ def value_head_dim(config) -> int:
 
 
 def base_shape(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> ModelShape:
-    """The shape of a family at a named size (keyred.models.ARCHITECTURES)."""
-    from keyred.models import architecture, key_head_dim
+    """The shape of a family at a named size (keyred.checkpoints.ARCHITECTURES)."""
+    from keyred.fla.families import architecture, key_head_dim
 
     keys = SimpleNamespace(model_type=family, **architecture(family, size))
     return ModelShape(family=family, hidden_size=keys.hidden_size, num_layers=keys.num_hidden_layers,
@@ -176,8 +177,8 @@ def base_shape(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE) -> 
 
 def shape_config(shape: ModelShape):
     """The fla config of a shape (imports fla)."""
-    from keyred.models import architecture, key_head_dim
-    from keyred.prune import exact_ratio
+    from keyred.fla.families import architecture, key_head_dim
+    from keyred.reduction.prune import exact_ratio
 
     config_class = _fla_config_classes()[shape.family]
     keys = {**architecture(shape.family, shape.template), "hidden_size": shape.hidden_size,
@@ -196,7 +197,7 @@ def shape_config(shape: ModelShape):
 
 def shape_of(config) -> ModelShape:
     """The ModelShape of an fla config (template 'tiny': only the shape fields are read back)."""
-    from keyred.models import key_head_dim
+    from keyred.fla.families import key_head_dim
 
     return ModelShape(family=config.model_type, hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
                       num_heads=config.num_heads, key_dim=key_head_dim(config), value_dim=value_head_dim(config),
@@ -208,7 +209,7 @@ def _fla():
     keyred's torch kernels off the GPU."""
     import fla.models
 
-    from keyred.backend import use_torch_kernels_off_gpu
+    from keyred.fla.backend import use_torch_kernels_off_gpu
 
     use_torch_kernels_off_gpu()
     return fla.models
@@ -241,8 +242,8 @@ def checkpoint_source(path: str | Path) -> ModelSource:
     CheckpointError naming the problem when it is not a readable fla checkpoint."""
     from transformers import AutoConfig
 
-    from keyred.models import METADATA_FILE, read_info
-    from keyred.prune import earlier_pruning
+    from keyred.checkpoints import METADATA_FILE, read_info
+    from keyred.reduction.prune import earlier_pruning
 
     path = Path(path)
     if not path.exists():
@@ -268,7 +269,7 @@ def checkpoint_source(path: str | Path) -> ModelSource:
 
 
 def reduction_checkpoints(folder: str | Path) -> list[Path]:
-    """The ratio*/pruned checkpoints of a keyred.reduce output folder, by ratio."""
+    """The ratio*/pruned checkpoints of a keyred.reduction.sweep output folder, by ratio."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"reduction folder {folder} does not exist")
@@ -281,7 +282,7 @@ def reduction_checkpoints(folder: str | Path) -> list[Path]:
         found.append((ratio, ratio_folder / REDUCED_STAGE))
     if not found:
         raise CheckpointError(f"reduction folder {folder} holds no ratio*/{REDUCED_STAGE} checkpoints "
-                              f"(not a keyred.reduce output?)")
+                              f"(not a keyred.reduction.sweep output?)")
     return [path for _, path in sorted(found)]
 
 
@@ -297,7 +298,7 @@ def instantiate(source: ModelSource, device: str, dtype: str, seed: int):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from keyred.models import load_checkpoint
+    from keyred.checkpoints import load_checkpoint
 
     if source.checkpoint is not None:
         model, _ = load_checkpoint(source.checkpoint, device=device, dtype=_torch_dtype(dtype))
@@ -519,7 +520,7 @@ def _spy(op: str, function: Callable, calls: list[KernelCall]) -> Callable:
 
 
 def _backend(function: Callable, args: tuple, kwargs: dict) -> str:
-    """'triton' for CUDA tensors (keyred.backend's dispatchers call fla's original there),
+    """'triton' for CUDA tensors (keyred.fla.backend's dispatchers call fla's original there),
     'keyred-torch' where keyred's dispatcher runs its torch kernel, else 'fla'."""
     import torch
 
@@ -646,7 +647,7 @@ def environment(device: str) -> dict[str, str]:
     """device, device_name and package versions for every row."""
     import torch
 
-    from keyred.models import package_versions
+    from keyred.checkpoints import package_versions
 
     versions = package_versions()
     if device == "cuda":
@@ -786,7 +787,7 @@ def measure_decoding(model, prompt, steps: int, timing: Timing, device: str,
     With cuda_graph, one decode step (forward, argmax, next ids) is captured in a CUDA graph after
     three eager steps and replayed `steps` times, so the time is the GPU's alone, without Python
     and kernel-launch overhead. The replays chain because the state is updated in place
-    (keyred.kernels.decode_launch, in_place=True) and the conv caches are updated in place by fla.
+    (keyred.kernels.cuda.decode_launch, in_place=True) and the conv caches are updated in place by fla.
     """
     import torch
 
@@ -1113,7 +1114,7 @@ def shapes_from_options(families: list[str] | None, size: str | None, hidden: in
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m keyred.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m keyred.bench.run", description=__doc__.split("\n\n")[0])
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="{model,mixer,decode}")
     helps = {"model": "whole-model forward of checkpoints and shapes at one batch x length",
              "mixer": "one DeltaNet / GatedDeltaNet layer at several d_k, forward and forward+backward",
@@ -1122,10 +1123,10 @@ def _parser() -> argparse.ArgumentParser:
         sub = kinds.add_parser(kind, help=helps[kind], description=helps[kind])
         sub.add_argument("--out", required=True, help="CSV to write")
         if kind != "mixer":
-            sub.add_argument("--name", default="", help="model name for the tables (as keyred.reduce's --name)")
+            sub.add_argument("--name", default="", help="model name for the tables (as keyred.reduction.sweep's --name)")
             sub.add_argument("--checkpoints", nargs="+", default=[], help="checkpoint folders")
             sub.add_argument("--reductions", nargs="+", default=[],
-                             help=f"keyred.reduce output folders: each ratio*/{REDUCED_STAGE} checkpoint")
+                             help=f"keyred.reduction.sweep output folders: each ratio*/{REDUCED_STAGE} checkpoint")
         sub.add_argument("--families", nargs="+", choices=FAMILIES, help="random-weight shapes of these families")
         sub.add_argument("--size", choices=SIZES, help="base shape: the family's named architecture")
         sub.add_argument("--hidden", type=int, help="hidden size")

@@ -1,0 +1,1 @@
+"""State-rank analysis: recording the recurrence, replaying it, measuring rank."""

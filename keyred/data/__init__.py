@@ -1,0 +1,1 @@
+"""Data: corpus, tokenizer, packed token streams, groups and word problems."""

@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval tasks and runner, length extrapolation."""

@@ -1,0 +1,73 @@
+"""The fla model families keyred handles, their named sizes, and their key/value arithmetic.
+
+A family is an fla model type (DeltaNet, Gated DeltaNet, Gated DeltaProduct); a size names one
+architecture of it. DeltaNet has no head_dim: d_k = hidden_size * expand_k / num_heads. The gated
+families store head_dim = d_k and derive d_v = int(head_dim * expand_v). Importing this module is
+cheap (no torch, no fla): the workflow reads the names here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
+SIZES = ("tiny", "small", "340M", "1.3B")
+DEFAULT_VOCAB_SIZE = 32000
+
+# Architecture of each family at each named size (fla config keys). The 340M and 1.3B shapes
+# follow the fla/flame reference configs (DeltaNet 340M: 24 x 1024, 8 heads of 128; DeltaNet
+# 1.3B = fla-hub/delta_net-1.3B-100B: 24 x 2048, 16 heads of 128; Gated DeltaNet: 21 layers,
+# 6 heads with num_heads * head_dim = 0.75 hidden_size as fla's layer docstring prescribes,
+# expand_v 2). Gated DeltaProduct uses the Gated DeltaNet shapes with two Householder steps,
+# a forget gate and eigenvalues in [-1, 1]. `small` is ~27M parameters without embeddings.
+_COMMON = dict(attn_mode="chunk", use_short_conv=True, conv_size=4, hidden_ratio=4, norm_eps=1e-6,
+               tie_word_embeddings=False, fuse_norm=True, fuse_swiglu=True, fuse_cross_entropy=True)
+_PRODUCT = dict(num_householder=2, use_forget_gate=True, allow_neg_eigval=True, use_output_gate=True)
+ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
+    "delta_net": {
+        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, expand_k=1, expand_v=1),
+        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=8, expand_k=1, expand_v=1),
+        "340M": dict(hidden_size=1024, num_hidden_layers=24, num_heads=8, expand_k=1, expand_v=1),
+        "1.3B": dict(hidden_size=2048, num_hidden_layers=24, num_heads=16, expand_k=1, expand_v=1),
+    },
+    "gated_deltanet": {
+        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=16, expand_v=2, use_gate=True),
+        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=6, head_dim=64, expand_v=2, use_gate=True),
+        "340M": dict(hidden_size=1024, num_hidden_layers=21, num_heads=6, head_dim=128, expand_v=2, use_gate=True),
+        "1.3B": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2, use_gate=True),
+    },
+    "gated_deltaproduct": {
+        "tiny": dict(hidden_size=64, num_hidden_layers=2, num_heads=4, head_dim=16, expand_v=2, **_PRODUCT),
+        "small": dict(hidden_size=512, num_hidden_layers=8, num_heads=6, head_dim=64, expand_v=2, **_PRODUCT),
+        "340M": dict(hidden_size=1024, num_hidden_layers=21, num_heads=6, head_dim=128, expand_v=2, **_PRODUCT),
+        "1.3B": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2, **_PRODUCT),
+    },
+}
+
+
+
+class ModelSpecError(ValueError):
+    """Unknown family or size."""
+
+
+def check_family(family: str) -> None:
+    """ModelSpecError naming the allowed families unless `family` is one."""
+    if family not in FAMILIES:
+        raise ModelSpecError(f"unknown model family {family!r}; allowed families: {', '.join(FAMILIES)}")
+
+
+def architecture(family: str, size: str) -> dict[str, Any]:
+    """fla config keys for a family at a named size."""
+    check_family(family)
+    if size not in SIZES:
+        raise ModelSpecError(f"unknown model size {size!r}; allowed sizes: {', '.join(SIZES)}")
+    return {**_COMMON, **ARCHITECTURES[family][size]}
+
+
+def key_head_dim(config) -> int:
+    """d_k of an fla config: DeltaNet derives it from expand_k, the gated families store head_dim."""
+    if config.model_type == "delta_net":
+        return int(config.hidden_size * config.expand_k) // config.num_heads
+    return int(config.head_dim)
+
+

@@ -1,0 +1,1 @@
+"""Key reduction: pruning methods, strong RRQR, the per-model sweep."""

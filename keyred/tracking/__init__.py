@@ -1,0 +1,1 @@
+"""State tracking on group word problems: the model, its training and its scores."""
