@@ -21,6 +21,13 @@ from keyred.io import atomic_dir, write_json
 
 METADATA_FILE = "keyred.json"
 
+# One vocabulary of stages for every table: what keyred.json's `stage` (the step that wrote the
+# checkpoint) is called in tables and figures.
+TABLE_STAGES = {"train": "unpruned", "pretrained": "unpruned", "external": "unpruned", "hub": "unpruned",
+                "prune": "pruned", "finetune": "lora", "state_tracking": "state_tracking"}
+# The checkpoints of one reduction output folder (keyred.reduction.sweep), by table stage.
+REDUCED_STAGES = ("pruned", "lora")
+
 
 class CheckpointError(ValueError):
     """A checkpoint folder is missing files, has corrupt files, or is not an fla model we know."""
@@ -41,6 +48,53 @@ class CheckpointInfo:
     versions: dict[str, str]
     created: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def table_stage(info: CheckpointInfo) -> str:
+    """The stage name tables use for a checkpoint (TABLE_STAGES; unknown stages pass through)."""
+    return TABLE_STAGES.get(info.stage, info.stage)
+
+
+def pruning_of(extra: dict) -> dict | None:
+    """The pruning fields of a checkpoint's keyred.json `extra`, if it descends from a pruned model:
+    pruning writes them at the top, LoRA recovery nests its input's extra under "source"."""
+    while isinstance(extra, dict):
+        if "new_key_dim" in extra:
+            return extra
+        extra = extra.get("source")
+    return None
+
+
+# ----------------------------------------------------------------------- the reduction layout
+
+def ratio_folder(ratio: float) -> str:
+    """The folder of one ratio inside a reduction output folder: 'ratio0.5' (format :g)."""
+    return f"ratio{float(ratio):g}"
+
+
+def reduced_checkpoint(folder: str | Path, ratio: float, stage: str) -> Path:
+    """The checkpoint of `stage` (one of REDUCED_STAGES) at `ratio` in a reduction output folder."""
+    if stage not in REDUCED_STAGES:
+        raise CheckpointError(f"unknown reduction stage {stage!r}; allowed: {', '.join(REDUCED_STAGES)}")
+    return Path(folder) / ratio_folder(ratio) / stage
+
+
+def reduced_checkpoints(folder: str | Path, stage: str) -> dict[float, Path]:
+    """Every ratio's `stage` checkpoint in a reduction output folder, by ratio (sorted);
+    CheckpointError when there is none."""
+    folder = Path(folder)
+    found = {}
+    for ratio_dir in folder.glob("ratio*"):
+        try:
+            ratio = float(ratio_dir.name.removeprefix("ratio"))
+        except ValueError:
+            continue
+        if (ratio_dir / stage).is_dir() and ratio_dir.name == ratio_folder(ratio):
+            found[ratio] = ratio_dir / stage
+    if not found:
+        raise CheckpointError(f"reduction folder {folder} holds no ratio*/{stage} checkpoints "
+                              f"(written by keyred.reduction.sweep?)")
+    return dict(sorted(found.items()))
 
 
 def package_versions() -> dict[str, str]:

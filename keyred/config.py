@@ -114,6 +114,35 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def schema_at(section: str, schema: dict | None = None) -> dict:
+    """The schema of one dotted config section ('train', 'reduction.prune'; 'models.*' is an entry
+    of a mapping section, the schema's additionalProperties)."""
+    node = schema or load_schema()
+    for part in section.split("."):
+        node = node["additionalProperties"] if part == "*" else node["properties"][part]
+    return node
+
+
+def section_settings(cls: type[T], section: str, values: dict | None, **extra) -> T:
+    """The frozen dataclass `cls` of one config section, built from the schema (the one source of
+    every default and range): `values` are validated against the section's schema with its
+    defaults filled in (ConfigError naming 'section.key' and what is allowed), lists become tuples.
+    `extra` are fields of `cls` that are not config keys of the section (e.g. one job's method)."""
+    sub = schema_at(section)
+    require(values is None or isinstance(values, dict), section, f"must be an object of settings, got {values!r}")
+    filled = _fill_defaults(copy.deepcopy(values or {}), sub)
+    errors = sorted(jsonschema.Draft202012Validator(sub).iter_errors(filled),
+                    key=lambda e: (list(map(str, e.absolute_path)), e.validator))
+    if errors:
+        prefix = section.split(".")
+        lines = []
+        for error in errors:
+            error.path.extendleft(reversed(prefix))
+            lines.append(_describe(error))
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines)))
+    return settings_from_dict(cls, {**filled, **extra}, section)
+
+
 def settings_from_dict(cls: type[T], values: dict, section: str) -> T:
     """Build the frozen dataclass `cls` from a mapping, rejecting unknown and missing keys; JSON/YAML
     lists become tuples (the settings dataclasses are frozen and hold tuples)."""

@@ -8,6 +8,8 @@ cheap (no torch, no fla): the workflow reads the names here.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any
 
 FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
@@ -46,6 +48,34 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
 
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Where fla keeps one model family: its config class, its block (one model layer, whose
+    `attn` is the mixer) and the layer module whose namespace holds the delta-rule ops it calls."""
+
+    name: str            # fla's model_type
+    config_class: str    # "module:Class"
+    model_class: str     # "module:Class" of the causal LM
+    block: str           # "module:Class"
+    layer_module: str
+    layer_class: str     # the mixer's class name in layer_module
+
+
+REGISTRY: dict[str, Family] = {
+    "delta_net": Family("delta_net", "fla.models:DeltaNetConfig", "fla.models:DeltaNetForCausalLM",
+                        "fla.models.delta_net.modeling_delta_net:DeltaNetBlock", "fla.layers.delta_net", "DeltaNet"),
+    "gated_deltanet": Family("gated_deltanet", "fla.models:GatedDeltaNetConfig",
+                             "fla.models:GatedDeltaNetForCausalLM",
+                             "fla.models.gated_deltanet.modeling_gated_deltanet:GatedDeltaNetBlock",
+                             "fla.layers.gated_deltanet", "GatedDeltaNet"),
+    "gated_deltaproduct": Family("gated_deltaproduct", "fla.models:GatedDeltaProductConfig",
+                                 "fla.models:GatedDeltaProductForCausalLM",
+                                 "fla.models.gated_deltaproduct.modeling_gated_deltaproduct:GatedDeltaProductBlock",
+                                 "fla.layers.gated_deltaproduct", "GatedDeltaProduct"),
+}
+assert tuple(REGISTRY) == FAMILIES
+
+
 class ModelSpecError(ValueError):
     """Unknown family or size."""
 
@@ -71,3 +101,43 @@ def key_head_dim(config) -> int:
     return int(config.head_dim)
 
 
+def value_head_dim(config) -> int:
+    """d_v of an fla config (object or namespace): DeltaNet from expand_v, the gated families
+    head_dim * expand_v (truncated, as fla does)."""
+    if config.model_type == "delta_net":
+        return int(config.hidden_size * config.expand_v) // config.num_heads
+    return int(config.head_dim * config.expand_v)
+
+
+def exact_ratio(numerator: int, denominator: int) -> float:
+    """The smallest float e >= numerator / denominator with int(denominator * e) == numerator.
+
+    fla truncates head_dim * expand_v (and hidden_size * expand_k) with int(); the plain quotient
+    is sometimes one ulp too small for that.
+    """
+    ratio = numerator / denominator
+    while int(denominator * ratio) != numerator:
+        ratio = math.nextafter(ratio, math.inf)
+    return ratio
+
+
+def head_dim_fields(family: str, hidden_size: int, num_heads: int, key_dim: int, value_dim: int) -> dict[str, Any]:
+    """The fla config fields that give heads of d_k = key_dim and d_v = value_dim: DeltaNet's
+    expand_k and expand_v, or the gated families' head_dim and expand_v."""
+    check_family(family)
+    if family == "delta_net":
+        return {"expand_k": exact_ratio(num_heads * key_dim, hidden_size),
+                "expand_v": exact_ratio(num_heads * value_dim, hidden_size)}
+    return {"head_dim": key_dim, "expand_v": exact_ratio(value_dim, key_dim)}
+
+
+def with_key_dim(config, key_dim: int):
+    """A copy of the fla config (object or namespace) with head key dim `key_dim` and d_v kept."""
+    import copy
+
+    config = copy.deepcopy(config)
+    fields = head_dim_fields(config.model_type, config.hidden_size, config.num_heads, key_dim,
+                             value_head_dim(config))
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
