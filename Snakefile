@@ -1,5 +1,6 @@
 # keyred workflow: table of contents. Each stage lives in workflow/rules/<stage>.smk and calls
-# `python -m keyred.<stage>`; paths and target lists are built in workflow/rules/common.smk.
+# `python -m keyred.stages.<stage>` (the `keyred <stage>` command); target lists are built in
+# workflow/rules/common.smk, paths and specs by keyred.specs.
 # Default: the embedded tiny configuration on CPU (`snakemake -c all`). Another config:
 # `snakemake -c all --configfile path/to/config.yaml`.
 

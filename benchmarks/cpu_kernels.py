@@ -18,6 +18,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from fla.ops.delta_rule.naive import delta_rule_recurrence
+from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
+from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
 from keyred.kernels.delta_rule import chunk_delta_product, chunk_gated_delta_rule
 
@@ -55,10 +58,6 @@ def keyred_fn(variant: str, n: int, chunk_size: int) -> Callable:
 
 def naive_fn(variant: str, n: int) -> Callable:
     """fla's naive recurrence for the variant, taking keyred's layout."""
-    from fla.ops.delta_rule.naive import delta_rule_recurrence
-    from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
-    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-
     if variant == "delta":
         def run(q, k, v, beta):
             o, _ = delta_rule_recurrence(*(t.transpose(1, 2) for t in (q, k, v, beta)))

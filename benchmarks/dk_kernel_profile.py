@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from keyred.bench.run import capture_cuda_graph
+from keyred.bench.timing import capture_cuda_graph
 
 
 def cuda_median_ms(fn, warmup: int, repeats: int) -> float:

@@ -3,13 +3,13 @@
     python benchmarks/multi_gpu_check.py --packed results/data/packed --family delta_net --size small \
         --batch-size 16 --seq-len 1024 --steps 300 --gpus 2
 
-Trains the same model twice with `python -m keyred.training.lm` (the workflow's train command):
+Trains the same model twice with `python -m keyred.stages.train` (the workflow's train command):
   1 process:   CUDA_VISIBLE_DEVICES=0,        batch_size B, grad_accumulation N
   N processes: CUDA_VISIBLE_DEVICES=0..N-1,   batch_size B, grad_accumulation 1
 Both steps read the same B x N windows (keyred.training.lm splits each step's windows over the
 processes), so the loss curves must agree up to bf16 and reduction-order noise, and the
 N-process run should be up to N times faster. On CUDA the N-process run goes through the path a
-SLURM job with `gpu: N` takes: keyred.training.lm sees N GPUs and restarts itself under torchrun. With
+SLURM job with `gpu: N` takes: keyred.stages.train sees N GPUs and restarts itself under torchrun. With
 --device cpu the N-process run is started with torchrun explicitly (gloo): the losses then agree
 exactly, which checks this script.
 
@@ -31,8 +31,8 @@ import pandas as pd
 
 
 def train(out: Path, spec: dict, packed: str, device: str, threads: int, processes: int, visible: int | None):
-    """One `python -m keyred.training.lm` run; (loss rows, wall seconds). visible: GPUs to show it (CUDA)."""
-    command = ["-m", "keyred.training.lm", "--name", "check", "--spec", json.dumps(spec), "--packed", packed,
+    """One `python -m keyred.stages.train` run; (loss rows, wall seconds). visible: GPUs to show it (CUDA)."""
+    command = ["-m", "keyred.stages.train", "--name", "check", "--spec", json.dumps(spec), "--packed", packed,
                "--device", device, "--threads", str(threads), "--out", str(out / "checkpoint"),
                "--losses", str(out / "losses.csv")]
     if device == "cpu" and processes > 1:

@@ -1,9 +1,9 @@
-"""Time of the state-rank analysis (keyred.analysis.stage) of a 1.3B-shaped DeltaNet on one sequence.
+"""Time of the state-rank analysis (keyred.analysis) of a 1.3B-shaped DeltaNet on one sequence.
 
     PYTHONPATH=. python benchmarks/rank_analysis_speed.py --device cuda              # 24 x 16 heads, 2048 tokens
     PYTHONPATH=. python benchmarks/rank_analysis_speed.py --device cpu --layers 2 --seq-len 128
 
-The model is keyred.models' "1.3B" DeltaNet shape (hidden 2048, 16 heads of d_k = d_v = 128, the
+The model is keyred.fla.models' "1.3B" DeltaNet shape (hidden 2048, 16 heads of d_k = d_v = 128, the
 shape of fla-hub/delta_net-1.3B-100B) with `--layers` layers and random weights: bf16 on CUDA,
 where fla's Triton kernels run the forward, float32 on the CPU (keyred's torch kernels). The rank
 analysis has no learned-weight dependent cost, so random weights time it as well as trained ones.
@@ -21,10 +21,12 @@ import argparse
 import time
 
 import torch
+from transformers import AutoModelForCausalLM
 
-from keyred.analysis.stage import collect_recurrence, rank_table, stack_records, stacked_outputs
-from keyred.fla.models import model_config
 from keyred.analysis.measures import SVD_BATCH, replay
+from keyred.analysis.ranks import rank_table
+from keyred.analysis.recording import collect_recurrence, stack_records, stacked_outputs
+from keyred.fla.models import model_config
 
 
 def synchronize(device: str) -> None:
@@ -34,8 +36,6 @@ def synchronize(device: str) -> None:
 
 def build(layers: int, vocab_size: int, device: str, seed: int):
     """A random-weight 1.3B-shaped DeltaNet with `layers` layers on `device` (bf16 on CUDA)."""
-    from transformers import AutoModelForCausalLM
-
     config = model_config("delta_net", "1.3B", vocab_size)
     config.num_hidden_layers = layers
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

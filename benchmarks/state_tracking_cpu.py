@@ -1,4 +1,4 @@
-"""The DESIGN 2.6 CPU state-tracking experiment through keyred: which one-layer DeltaProducts learn S3?
+"""The CPU state-tracking experiment through keyred: which one-layer DeltaProducts learn S3?
 
     PYTHONPATH=. python benchmarks/state_tracking_cpu.py                   # 4 configurations x seeds 0 1 2
     PYTHONPATH=. python benchmarks/state_tracking_cpu.py --steps 400 --seeds 0 --jobs 1
@@ -36,24 +36,24 @@ def _start_worker() -> None:
 
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
-    from keyred.fla.models import _fla_models
-
-    _fla_models()
+    import keyred.fla.models  # noqa: F401  (imports fla and installs the CPU kernels)
 
 
 def run_one(label: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one configuration with one seed, score it at 4k; return the numbers of its line."""
     from keyred.data.groups import build_group
-    from keyred.tracking.run import (TEST_SEED_OFFSET, StateTrackingModel, StateTrackingTraining, evaluate,
-                                       longest_solved, train_state_tracking)
+    from keyred.tracking.run import TEST_SEED_OFFSET
+    from keyred.tracking.scoring import evaluate, longest_solved
+    from keyred.tracking.spec import settings_from_spec
+    from keyred.tracking.training import train_state_tracking
 
     num_householder, allow_neg_eigval = CONFIGURATIONS[label]
     start = time.perf_counter()
-    model = StateTrackingModel(num_householder=num_householder, allow_neg_eigval=allow_neg_eigval)
-    training = StateTrackingTraining(group=args.group, train_length=args.length, test_length=2 * args.length,
-                                     val_samples=args.val_samples, batch_size=args.batch, steps=args.steps,
-                                     lr=args.lr, weight_decay=0.1, grad_clip=1.0, eval_every=args.eval_every,
-                                     seed=seed)
+    model, training = settings_from_spec({
+        "model": {"num_householder": num_householder, "allow_neg_eigval": allow_neg_eigval},
+        "train": {"group": args.group, "train_length": args.length, "test_length": 2 * args.length,
+                  "val_samples": args.val_samples, "batch_size": args.batch, "steps": args.steps, "lr": args.lr,
+                  "weight_decay": 0.1, "grad_clip": 1.0, "eval_every": args.eval_every, "seed": seed}})
     result = train_state_tracking(model, training, log=lambda message: None)
     test = evaluate(result.model, build_group(args.group), 4 * args.length, args.test_samples,
                     seed + TEST_SEED_OFFSET)

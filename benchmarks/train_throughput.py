@@ -20,7 +20,9 @@ import torch
 
 from keyred.fla.models import build_model
 from keyred.data.packing import PackedTokens
-from keyred.training.lm import ModelChoice, TrainSettings, resolve_device, train_language_model
+from keyred.config import section_settings
+from keyred.device import resolve_device
+from keyred.training.lm import ModelChoice, TrainSettings, train_language_model
 
 
 def matmul_peak(device: str, repeats: int = 20) -> float:
@@ -64,16 +66,17 @@ def main():
     print(f"device {name}: matmul peak {peak / 1e12:.1f} TFLOP/s ({'bf16' if device == 'cuda' else 'fp32'})",
           flush=True)
     vocab_size = PackedTokens(args.packed, "train").vocab_size
-    settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, grad_accumulation=1, seq_len=args.seq_len,
-                             lr=1e-3, min_lr_ratio=0.1, warmup_steps=min(50, args.steps // 10), weight_decay=0.1,
-                             grad_clip=1.0, log_every=args.log_every, eval_every=args.steps, eval_sequences=16,
-                             checkpoint_every=0, seed=0)
+    settings = section_settings(TrainSettings, "train", dict(
+        steps=args.steps, batch_size=args.batch_size, grad_accumulation=1, seq_len=args.seq_len, lr=1e-3,
+        min_lr_ratio=0.1, warmup_steps=min(50, args.steps // 10), weight_decay=0.1, grad_clip=1.0,
+        log_every=args.log_every, eval_every=args.steps, eval_sequences=16, checkpoint_every=0, seed=0))
     print("family,size,params_matmul,batch,seq_len,steps,tokens_per_s,mfu,first_loss,final_loss,val_loss,"
           "unigram_val_loss,wall_s")
     for family in args.families:
         params = matmul_parameters(family, args.size, vocab_size)
         start = time.perf_counter()
-        _, rows = train_language_model(family, ModelChoice(family, args.size), args.packed, settings, device,
+        choice = section_settings(ModelChoice, "models.*", {"family": family, "size": args.size})
+        _, rows = train_language_model(family, choice, args.packed, settings, device,
                                        log=lambda line: print(line, flush=True))
         wall = time.perf_counter() - start
         rate = statistics.median(row["tokens_per_s"] for row in rows[args.skip_rows:])

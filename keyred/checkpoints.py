@@ -23,10 +23,17 @@ METADATA_FILE = "keyred.json"
 
 # One vocabulary of stages for every table: what keyred.json's `stage` (the step that wrote the
 # checkpoint) is called in tables and figures.
-TABLE_STAGES = {"train": "unpruned", "pretrained": "unpruned", "external": "unpruned", "hub": "unpruned",
-                "prune": "pruned", "finetune": "lora", "state_tracking": "state_tracking"}
+UNPRUNED = "unpruned"              # a trained, pretrained or external model, before any key reduction
+PRUNED = "pruned"                  # right after pruning its key dimension
+LORA = "lora"                      # pruned, then recovered with LoRA (adapters merged)
+STATE_TRACKING = "state_tracking"  # a state-tracking run's model
+TABLE_STAGES = {"train": UNPRUNED, "pretrained": UNPRUNED, "external": UNPRUNED, "hub": UNPRUNED,
+                "prune": PRUNED, "finetune": LORA, "state_tracking": STATE_TRACKING}
 # The checkpoints of one reduction output folder (keyred.reduction.sweep), by table stage.
-REDUCED_STAGES = ("pruned", "lora")
+REDUCED_STAGES = (PRUNED, LORA)
+# The tidy tables beside the ratio folders of a reduction output folder, by name.
+REDUCTION_TABLES = {"evaluation": "evaluation.csv", "length_extrapolation": "length_extrapolation.csv",
+                    "finetune_loss": "finetune_loss.csv"}
 
 
 class CheckpointError(ValueError):
@@ -77,6 +84,13 @@ def reduced_checkpoint(folder: str | Path, ratio: float, stage: str) -> Path:
     if stage not in REDUCED_STAGES:
         raise CheckpointError(f"unknown reduction stage {stage!r}; allowed: {', '.join(REDUCED_STAGES)}")
     return Path(folder) / ratio_folder(ratio) / stage
+
+
+def reduction_table_path(folder: str | Path, name: str) -> Path:
+    """The tidy table `name` (one of REDUCTION_TABLES) of a reduction output folder."""
+    if name not in REDUCTION_TABLES:
+        raise CheckpointError(f"unknown reduction table {name!r}; allowed: {', '.join(REDUCTION_TABLES)}")
+    return Path(folder) / REDUCTION_TABLES[name]
 
 
 def reduced_checkpoints(folder: str | Path, stage: str) -> dict[float, Path]:

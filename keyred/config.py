@@ -1,9 +1,11 @@
 """The workflow configuration: schema validation with defaults, and typed settings.
 
-`keyred/schemas/config.schema.yaml` (package data) is the single source of truth: every key, its default and
-its description. `validate_config` fills defaults and raises `ConfigError` naming the key path
-and what is allowed; `settings_from_dict` turns one section into a frozen dataclass.
-Importing this module is cheap (no torch).
+`keyred/schemas/config.schema.yaml` (package data) is the single source of truth: every key, its
+default, its range and its description. `validate_config` fills defaults and raises `ConfigError`
+naming the key path and what is allowed; `section_settings` validates one section (a stage's
+--spec) the same way and builds its frozen settings dataclass, whose fields carry no defaults of
+their own. Checks the schema cannot state (between keys, or against a model) stay with the
+dataclass. Importing this module is cheap (no torch).
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
+# JSON Schema counts 4096.0 as an integer; keyred's settings are Python ints, so only ints (not bools) are.
+Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)))
 
 T = TypeVar("T")
 
@@ -48,10 +55,10 @@ def _describe(error: jsonschema.ValidationError) -> str:
                 f"allowed values: {', '.join(map(str, schema['enum']))}")
     if error.validator == "required":
         return f"config key '{where}': {error.message}"
-    if error.validator == "pattern":
-        return f"config key '{where}': {error.instance!r} must match the pattern {schema['pattern']}"
     description = schema.get("description", "").strip()
     hint = f" ({description})" if description else ""
+    if error.validator == "pattern":
+        return f"config key '{where}': {error.instance!r} must match the pattern {schema['pattern']}{hint}"
     return f"config key '{where}': {error.message}{hint}"
 
 
@@ -80,7 +87,7 @@ def validate_config(config: dict, schema: dict | None = None) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"the configuration must be a mapping of keys to values, got {type(config).__name__}")
     filled = _fill_defaults(copy.deepcopy(config), schema)
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = Validator(schema)
     errors = sorted(validator.iter_errors(filled), key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     if errors:
         lines = "\n  ".join(dict.fromkeys(_describe(e) for e in errors))
@@ -127,11 +134,12 @@ def section_settings(cls: type[T], section: str, values: dict | None, **extra) -
     """The frozen dataclass `cls` of one config section, built from the schema (the one source of
     every default and range): `values` are validated against the section's schema with its
     defaults filled in (ConfigError naming 'section.key' and what is allowed), lists become tuples.
-    `extra` are fields of `cls` that are not config keys of the section (e.g. one job's method)."""
+    `extra` are fields of `cls` that are not config keys of the section (e.g. one job's method).
+    One problem is one line "config key 'section.key': ..."; several are listed under a header."""
     sub = schema_at(section)
     require(values is None or isinstance(values, dict), section, f"must be an object of settings, got {values!r}")
     filled = _fill_defaults(copy.deepcopy(values or {}), sub)
-    errors = sorted(jsonschema.Draft202012Validator(sub).iter_errors(filled),
+    errors = sorted(Validator(sub).iter_errors(filled),
                     key=lambda e: (list(map(str, e.absolute_path)), e.validator))
     if errors:
         prefix = section.split(".")
@@ -139,7 +147,8 @@ def section_settings(cls: type[T], section: str, values: dict | None, **extra) -
         for error in errors:
             error.path.extendleft(reversed(prefix))
             lines.append(_describe(error))
-        raise ConfigError("invalid configuration:\n  " + "\n  ".join(dict.fromkeys(lines)))
+        lines = list(dict.fromkeys(lines))
+        raise ConfigError(lines[0] if len(lines) == 1 else "invalid configuration:\n  " + "\n  ".join(lines))
     return settings_from_dict(cls, {**filled, **extra}, section)
 
 

@@ -1,5 +1,5 @@
-"""What every stage's command line shares: the --spec JSON, the exit code of a bad input, torch
-threads and device, and progress lines that reach a log file at once."""
+"""What every stage's command line shares: the --spec JSON, the exit code of a bad input, the
+--device and --threads options, and progress lines that reach a log file at once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 BAD_INPUT = 2          # exit code of a stage that refused its input before any expensive work
+DEVICES = ("auto", "cpu", "cuda")   # --device (and the config's device): auto = cuda when a GPU is visible
 
 
 def progress(message: str) -> None:
@@ -31,17 +32,6 @@ def bad_input(error: Exception) -> int:
 
 
 def add_torch_options(parser: argparse.ArgumentParser) -> None:
-    """--device (auto, cpu, cuda) and --threads (torch CPU threads), read by torch_device."""
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    """--device (auto, cpu, cuda) and --threads (torch CPU threads), read by keyred.device.torch_device."""
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-
-
-def torch_device(device: str, threads: int | None) -> str:
-    """Set torch's CPU threads (when given) and resolve 'auto' to cuda or cpu (ConfigError if cuda is missing)."""
-    import torch
-
-    from keyred.training.lm import resolve_device
-
-    if threads:
-        torch.set_num_threads(threads)
-    return resolve_device(device)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from keyred import io
+from keyred.checkpoints import LORA, PRUNED, STATE_TRACKING, UNPRUNED, reduction_table_path
 
 
 def combine_tables(paths) -> pd.DataFrame:
@@ -136,9 +137,9 @@ REDUCTION_METRICS = (("heldout_perplexity", "bits_per_byte", "held-out bits per 
 
 def reduction_table(baseline_paths, reduced_folders) -> pd.DataFrame:
     """One tidy table: the unpruned models' evaluation (stage 'unpruned', ratio 0) and every
-    reduce job's evaluation.csv (stages 'pruned' and 'lora')."""
-    baselines = combine_tables(baseline_paths).assign(stage="unpruned")
-    reduced = combine_tables(Path(folder) / "evaluation.csv" for folder in reduced_folders)
+    reduce job's evaluation table (stages 'pruned' and 'lora')."""
+    baselines = combine_tables(baseline_paths).assign(stage=UNPRUNED)
+    reduced = combine_tables(reduction_table_path(folder, "evaluation") for folder in reduced_folders)
     columns = ["model", "method", "ratio", "stage", "task", "metric", "value", "n"]
     return pd.concat([baselines[columns], reduced[columns]], ignore_index=True)
 
@@ -149,7 +150,7 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
     unpruned model as a grey line."""
     plt = _pyplot()
     models = sorted(table["model"].unique())
-    methods = sorted(table.loc[table["stage"] != "unpruned", "method"].unique())
+    methods = sorted(table.loc[table["stage"] != UNPRUNED, "method"].unique())
     fig, axes = plt.subplots(len(models), len(REDUCTION_METRICS), figsize=(4.2 * len(REDUCTION_METRICS),
                                                                           3.2 * len(models)), squeeze=False)
     colours = plt.get_cmap("tab10")
@@ -158,11 +159,11 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
             ax = axes[row][column]
             rows = table[(table["model"] == model) & (table["task"] == task) & (table["metric"] == metric)]
             for index, method in enumerate(methods):
-                for stage, style in (("pruned", "--"), ("lora", "-")):
+                for stage, style in ((PRUNED, "--"), (LORA, "-")):
                     line = rows[(rows["method"] == method) & (rows["stage"] == stage)].sort_values("ratio")
                     ax.plot(line["ratio"], line["value"], style, marker="o", markersize=3, color=colours(index % 10),
-                            label=f"{method}" if stage == "lora" else None)
-            for value in rows.loc[rows["stage"] == "unpruned", "value"]:
+                            label=f"{method}" if stage == LORA else None)
+            for value in rows.loc[rows["stage"] == UNPRUNED, "value"]:
                 ax.axhline(value, color="grey", linewidth=1)
             if metric == "perplexity":
                 ax.set_yscale("log")       # tiny models rarely recall exactly: the target's perplexity still moves
@@ -174,12 +175,12 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
     _save(fig, figure_path)
 
 
-# state-rank figures (keyred.analysis.stage tables): the columns that identify one analysed checkpoint
+# state-rank figures (keyred.stages.analyse tables): the columns that identify one analysed checkpoint
 RANK_KEYS = ["model", "method", "ratio", "stage"]
 
 
 def rank_summary(ranks: pd.DataFrame) -> pd.DataFrame:
-    """Mean stable rank, utilisation and effective rank over the tokens of a keyred.analysis.stage table,
+    """Mean stable rank, utilisation and effective rank over the tokens of a keyred.stages.analyse table,
     per checkpoint (RANK_KEYS), layer and head, with d_k, d_v and the number of tokens measured."""
     keys = RANK_KEYS + ["layer", "head", "d_k", "d_v"]
     grouped = ranks.groupby(keys, sort=True)
@@ -205,7 +206,7 @@ def plot_utilisation_over_time(ranks: pd.DataFrame, figure_path: str | Path) -> 
         lines = mean[mean["model"] == model].groupby(RANK_KEYS[1:], sort=True)
         for index, ((method, ratio, stage), line) in enumerate(lines):
             colour = "black" if method == "none" else colours(index % 10)
-            ax.plot(line["step"], line["utilisation"], color=colour, linestyle="--" if stage == "pruned" else "-",
+            ax.plot(line["step"], line["utilisation"], color=colour, linestyle="--" if stage == PRUNED else "-",
                     linewidth=1.2, label=_rank_label(method, ratio, stage))
         ax.set_xlabel("tokens read")
         ax.set_ylabel("stable-rank utilisation (mean over layers, heads)", fontsize=8)
@@ -262,7 +263,7 @@ def plot_utilisation_vs_perplexity(ranks: pd.DataFrame, evaluation: pd.DataFrame
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     colours = plt.get_cmap("tab10")
-    markers = {"unpruned": "*", "pruned": "x", "lora": "o"}
+    markers = {UNPRUNED: "*", PRUNED: "x", LORA: "o"}
     for index, (method, rows) in enumerate(points.groupby("method", sort=True)):
         colour = "black" if method == "none" else colours(index % 10)
         for stage, stage_rows in rows.groupby("stage", sort=True):
@@ -287,7 +288,7 @@ def plot_effective_rank_over_time(ranks: pd.DataFrame, figure_path: str | Path) 
     mean over layers and heads; one colour per model (group and configuration), one line per
     checkpoint (seed); dotted: the largest possible value, min(d_k, d_v)."""
     plt = _pyplot()
-    rows = ranks[ranks["stage"] == "state_tracking"]
+    rows = ranks[ranks["stage"] == STATE_TRACKING]
     if rows.empty:
         raise ValueError("no state-tracking rows (stage 'state_tracking') in the rank table")
     fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -307,9 +308,9 @@ def plot_effective_rank_over_time(ranks: pd.DataFrame, figure_path: str | Path) 
     _save(fig, figure_path)
 
 
-# ---------------------------------------------------------------- speed and memory (keyred.bench.run)
+# ---------------------------------------------------------------- speed and memory (keyred.bench)
 
-# Columns of keyred.bench.run tables that identify one measured configuration apart from d_k.
+# Columns of keyred.bench tables that identify one measured configuration apart from d_k.
 BENCH_CONFIG_COLUMNS = ("kind", "model", "family", "pass", "batch", "seq_len", "prompt_len", "hidden_size",
                         "num_layers", "num_heads", "d_v", "dtype", "device_name")
 _BENCH_STYLES = {"mixer": "-", "decode": "--", "model": "-."}
@@ -317,7 +318,7 @@ _BENCH_STYLES = {"mixer": "-", "decode": "--", "model": "-."}
 
 def key_dim_ratios(bench: pd.DataFrame, reference_key_dim: int = 128) -> pd.DataFrame:
     """Speed-up and memory ratio of each d_k relative to d_k = `reference_key_dim` within every
-    configuration (BENCH_CONFIG_COLUMNS) of keyred.bench.run rows; rows that share a configuration and
+    configuration (BENCH_CONFIG_COLUMNS) of keyred.bench rows; rows that share a configuration and
     d_k (e.g. several reduction methods) are reduced to their median first.
 
     speedup = tokens/s over the reference's; memory_ratio = state bytes per sequence (decode rows)
@@ -347,7 +348,7 @@ def key_dim_ratios(bench: pd.DataFrame, reference_key_dim: int = 128) -> pd.Data
 
 
 def _bench_label(row) -> str:
-    """A short legend label of one keyred.bench.run configuration."""
+    """A short legend label of one keyred.bench configuration."""
     if row["kind"] == "decode":
         return f"decode {row['family']} B={row['batch']:g}"
     if row["kind"] == "mixer":
@@ -358,7 +359,7 @@ def _bench_label(row) -> str:
 def plot_key_dim_scaling(mixer: pd.DataFrame | None, decode: pd.DataFrame | None, figure_path: str | Path,
                          reference_key_dim: int = 128) -> None:
     """Speed-up (left) and memory ratio (right) vs d_k relative to d_k = reference_key_dim, from
-    keyred.bench.run mixer and decode tables (either may be None): one line per configuration (mixers
+    keyred.bench mixer and decode tables (either may be None): one line per configuration (mixers
     solid, decoding dashed); memory is peak memory for mixers and state bytes per sequence for
     decoding. Dotted grey: the state-bound limits reference/d_k (speed) and d_k/reference (memory)."""
     plt = _pyplot()
@@ -409,8 +410,8 @@ def pareto_front(points: pd.DataFrame, x: str, y: str, higher_is_better: bool = 
 
 
 def speed_quality_table(bench: pd.DataFrame, quality: pd.DataFrame, task: str = "heldout_perplexity",
-                        metric: str = "bits_per_byte", stage: str = "lora") -> pd.DataFrame:
-    """Join keyred.bench.run whole-model rows (kind 'model'; the median tokens/s per model, method and
+                        metric: str = "bits_per_byte", stage: str = LORA) -> pd.DataFrame:
+    """Join keyred.bench whole-model rows (kind 'model'; the median tokens/s per model, method and
     ratio) with a reduction table (reduction_table: model, method, ratio, stage, task, metric,
     value) at one task, metric and stage; the unreduced model ('unpruned') joins as method 'none',
     ratio 0. Columns: model, method, ratio, tokens_per_s, value, stage."""
@@ -425,7 +426,7 @@ def speed_quality_table(bench: pd.DataFrame, quality: pd.DataFrame, task: str = 
     speed = (speed.assign(ratio_key=speed["ratio"].round(6)).groupby(["model", "method", "ratio_key"], dropna=False)
              ["tokens_per_s"].median().reset_index())
     rows = quality[(quality["task"] == task) & (quality["metric"] == metric)
-                   & quality["stage"].isin([stage, "unpruned"])]
+                   & quality["stage"].isin([stage, UNPRUNED])]
     rows = rows.assign(ratio_key=rows["ratio"].round(6))[["model", "method", "ratio", "ratio_key", "stage", "value"]]
     joined = speed.merge(rows, on=["model", "method", "ratio_key"], how="inner")
     if joined.empty:
@@ -436,7 +437,7 @@ def speed_quality_table(bench: pd.DataFrame, quality: pd.DataFrame, task: str = 
 
 
 def plot_quality_vs_speed(bench: pd.DataFrame, quality: pd.DataFrame, figure_path: str | Path,
-                          task: str = "heldout_perplexity", metric: str = "bits_per_byte", stage: str = "lora",
+                          task: str = "heldout_perplexity", metric: str = "bits_per_byte", stage: str = LORA,
                           higher_is_better: bool = False) -> None:
     """Quality vs whole-model forward speed (speed_quality_table), one panel per model: one marker
     per method (each point labelled with its ratio; the unreduced model is 'none'), the Pareto

@@ -1,20 +1,23 @@
 """Which keyred source files a stage depends on, and a digest of their contents.
 
-The Snakefile gives every rule `params: code=code_digest("keyred.<stage>")`, so a rule re-runs
-when the source of its stage, or of any keyred module that stage imports (directly or
+The Snakefile gives every rule `params: code=code_digest("keyred.stages.<stage>")`, so a rule
+re-runs when the source of its stage, or of any keyred module that stage imports (directly or
 transitively, found statically), changes, and not when unrelated code changes or files are
-merely touched. Importing this module is cheap (no torch).
+merely touched. `imported_names` is the static import reader (tests/test_architecture.py walks
+the package's import graph with it). Importing this module is cheap (no torch).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import re
 from functools import lru_cache
 from pathlib import Path
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_ROOT.name
+_MODULE_NAME = re.compile(rf"{PACKAGE}(\.[A-Za-z_][A-Za-z0-9_]*)+")
 
 
 def module_file(module: str) -> Path:
@@ -29,31 +32,72 @@ def module_file(module: str) -> Path:
     raise ModuleNotFoundError(f"no source file for {module}")
 
 
-def _imported_modules(file: Path, module: str) -> set[str]:
-    """keyred modules named by import statements anywhere in `file`."""
-    found: set[str] = set()
-    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
-    for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                prefix = ".".join(base + ([node.module] if node.module else []))
-            else:
-                prefix = node.module or ""
-            names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
+class _Imports(ast.NodeVisitor):
+    """Collects the dotted names of import statements; `module_level` leaves out the bodies of
+    functions and `if TYPE_CHECKING:` blocks (imports that do not run when the module is imported).
+    `named` collects string constants that are a keyred module's full name ("keyred.kernels.layers"):
+    modules imported by name at run time (importlib)."""
+
+    def __init__(self, package: str, module_level: bool):
+        self.package, self.module_level, self.names, self.named = package, module_level, set(), set()
+
+    def visit_Constant(self, node: ast.Constant) -> None:
+        if isinstance(node.value, str) and _MODULE_NAME.fullmatch(node.value):
+            self.named.add(node.value)
+
+    def visit_Import(self, node: ast.Import) -> None:
+        self.names.update(alias.name for alias in node.names)
+
+    def visit_ImportFrom(self, node: ast.ImportFrom) -> None:
+        if node.level:
+            parts = self.package.split(".")
+            prefix = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
         else:
-            continue
-        for name in names:
-            if name == PACKAGE or name.startswith(PACKAGE + "."):
-                found.add(name)
-    return found
+            prefix = node.module or ""
+        self.names.add(prefix)
+        self.names.update(f"{prefix}.{alias.name}" for alias in node.names)
+
+    def visit_FunctionDef(self, node: ast.AST) -> None:
+        if not self.module_level:
+            self.generic_visit(node)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_If(self, node: ast.If) -> None:
+        test = node.test
+        type_checking = (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
+            (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        if type_checking and self.module_level:
+            for statement in node.orelse:
+                self.visit(statement)
+        else:
+            self.generic_visit(node)
+
+
+def _read(file: Path, module: str, module_level: bool) -> _Imports:
+    package = module if file.name == "__init__.py" else module.rpartition(".")[0]
+    visitor = _Imports(package, module_level)
+    visitor.visit(ast.parse(file.read_text(), filename=str(file)))
+    return visitor
+
+
+def imported_names(file: Path, module: str, *, module_level: bool = False) -> set[str]:
+    """Dotted names that the import statements of `file` (the source of `module`) name, keyred's
+    and others': `import a.b` gives a.b; `from a import b` gives a and a.b (b may be a module or a
+    name defined in a). module_level: only the imports that run when the module is imported."""
+    return _read(file, module, module_level).names
+
+
+def _imported_modules(file: Path, module: str) -> set[str]:
+    """keyred names imported anywhere in `file` (inside functions too), or named in a string."""
+    visitor = _read(file, module, module_level=False)
+    return {name for name in visitor.names if name == PACKAGE or name.startswith(PACKAGE + ".")} | visitor.named
 
 
 @lru_cache(maxsize=None)
 def stage_sources(module: str) -> tuple[Path, ...]:
-    """Source files of `module` and every keyred module it imports, transitively (sorted)."""
+    """Source files of `module` and every keyred module it imports (or names in a string, to import
+    it at run time), transitively (sorted)."""
     seen: dict[str, Path] = {}
     pending = [module]
     while pending:

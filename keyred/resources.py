@@ -24,7 +24,7 @@ A training job longer than its wall time is stopped by SLURM, retried by Snakema
 
 from __future__ import annotations
 
-SIZES = ("tiny", "small", "340M", "1.3B")  # keyred.checkpoints.SIZES (this module imports nothing heavy)
+SIZES = ("tiny", "small", "340M", "1.3B")  # = keyred.fla.families.SIZES (tests/test_config.py checks it)
 MODEL_STAGES = ("train", "evaluate", "reduce", "bench", "analysis")
 SHAPE_STAGES = ("state_tracking", "bench_shapes")  # GPU jobs on small models of their own
 STAGES = MODEL_STAGES + SHAPE_STAGES + ("data", "tables")

@@ -43,6 +43,7 @@ def parse_dry_run(text: str, python: str, root: str) -> list[dict]:
 
 def dry_run_plan(workdir: Path, *args: str) -> list[dict]:
     """The plan of `snakemake -n -p --forceall <args>` run in `workdir`."""
+    workdir = Path(workdir).resolve()
     env = {**os.environ, "PYTHONPATH": str(workdir)}
     result = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forceall", "--cores", "2", *args],
                             cwd=workdir, env=env, capture_output=True, text=True)

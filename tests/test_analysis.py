@@ -1,4 +1,4 @@
-"""keyred.analysis.measures and keyred.analysis.stage: state-rank analysis of the recurrent delta-rule state.
+"""keyred.analysis and keyred.stages.analyse: state-rank analysis of the recurrent delta-rule state.
 
 Paths that must agree: the float32 replay of what the real fla layers fed their delta-rule ops
 == the ops' own outputs (all three families, both of fla's op paths, negative eigenvalues, grouped
@@ -16,11 +16,13 @@ import pandas as pd
 import pytest
 import torch
 
-from keyred.analysis.stage import (COLUMNS, AnalysisError, collect_recurrence, describe_checkpoint, main, stack_records,
-                             stacked_outputs)
+from keyred.analysis.measures import DeltaInputs, effective_rank, rank_measures, replay, stable_rank
+from keyred.analysis.ranks import COLUMNS
+from keyred.analysis.recording import AnalysisError, collect_recurrence, stack_records, stacked_outputs
+from keyred.analysis.sources import describe_checkpoint
 from keyred.checkpoints import CheckpointError
 from keyred.fla.families import ModelSpecError
-from keyred.analysis.measures import DeltaInputs, effective_rank, rank_measures, replay, stable_rank
+from keyred.stages.analyse import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -176,9 +178,10 @@ def test_the_gate_matters():
 
 def test_pruned_checkpoint_with_smaller_keys_than_values(tmp_path):
     from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
-    from keyred.reduction.prune import PruneSettings, prune_model
+    from keyred.reduction.methods import prune_settings
+    from keyred.reduction.prune import prune_model
 
-    pruned, extra = prune_model(copy.deepcopy(tiny_model("delta_net")), PruneSettings(method="l1", ratio=0.5),
+    pruned, extra = prune_model(copy.deepcopy(tiny_model("delta_net")), prune_settings({"method": "l1", "ratio": 0.5}),
                                 log=lambda message: None)
     save_checkpoint(pruned, tmp_path / "pruned", new_info("delta_net", "tiny", stage="prune", extra=extra))
     model, _ = load_checkpoint(tmp_path / "pruned")
@@ -221,14 +224,17 @@ def test_batches_are_refused():
 def checkpoints(tmp_path_factory):
     """An unpruned and an l1-pruned tiny DeltaNet LM, and a state-tracking run folder (S3)."""
     from keyred.checkpoints import new_info, save_checkpoint
-    from keyred.reduction.prune import PruneSettings, prune_checkpoint
-    from keyred.tracking.run import StateTrackingModel, StateTrackingTraining, build_state_tracking_model
+    from keyred.reduction.methods import prune_settings
+    from keyred.reduction.prune import prune_checkpoint
+    from keyred.tracking.model import build_state_tracking_model
+    from keyred.tracking.spec import settings_from_spec
 
     root = tmp_path_factory.mktemp("analysis")
     save_checkpoint(tiny_model("delta_net"), root / "lm",
                     new_info("delta_net", "tiny", stage="train", seed=0, extra={"name": "dn_tiny"}))
-    prune_checkpoint(root / "lm", PruneSettings(method="l1", ratio=0.5), root / "lm_l1", log=lambda message: None)
-    settings, training = StateTrackingModel(), StateTrackingTraining(group="S3", test_length=16)
+    prune_checkpoint(root / "lm", prune_settings({"method": "l1", "ratio": 0.5}), root / "lm_l1",
+                     log=lambda message: None)
+    settings, training = settings_from_spec({"train": {"group": "S3", "test_length": 16}})
     save_checkpoint(build_state_tracking_model(settings, 6), root / "s3_run" / "checkpoint",
                     new_info("gated_deltaproduct", None, stage="state_tracking", seed=0,
                              extra={"model": dataclasses.asdict(settings), "train": dataclasses.asdict(training),

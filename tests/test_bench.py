@@ -1,21 +1,38 @@
-"""keyred.bench.run: the three benchmark kinds on CPU at tiny shapes, their tables, the kernel record,
-state bytes from the cache against the closed form, refusals before work, and the plots.
+"""keyred.bench and keyred.stages.bench: the three benchmark kinds on CPU at tiny shapes, their
+tables, the kernel record, state bytes from the cache against the closed form, refusals before work,
+the plots; flags and --spec building the same request, and the workflow's new --spec commands
+asking for exactly what its recorded commands with flags asked for.
 
 No timing thresholds: CPU numbers only have to exist, be finite and positive.
 """
+import dataclasses
+import json
 import math
+import shlex
+import shutil
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from conftest import REPO
+from dry_run_plan import dry_run_plan
 from keyred import figures
-from keyred.bench.run import (COLUMNS, BenchmarkError, InsufficientMemoryError, ModelShape, Timing, base_shape,
-                          benchmark_decoding, benchmark_mixers, main, out_of_memory_as_error, reduction_checkpoints,
-                          resolve_dtype, shape_config, shape_of, shape_source, shapes_from_options)
+from keyred.bench.errors import BenchmarkError, InsufficientMemoryError
+from keyred.bench.memory import out_of_memory_as_error
+from keyred.bench.plan import (PASSES, BenchRequest, Timing, reduction_checkpoints, request_from_options,
+                               resolve_dtype)
+from keyred.bench.runs import run_plan
+from keyred.bench.shapes import ModelShape, base_shape, shape_of, shapes_from_options
+from keyred.bench.sources import shape_config
+from keyred.bench.spec import bench_options, bench_settings
+from keyred.bench.table import COLUMNS
 from keyred.checkpoints import CheckpointError
+from keyred.config import ConfigError
 from keyred.fla.families import FAMILIES
+from keyred.stages.bench import main, parse_request
+from test_workflow import copy_workflow
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,6 +45,17 @@ MEASURED = ("parameters", "warmup_s", "latency_ms_median", "latency_ms_min", "la
 def tiny(family="delta_net", key_dim=16, value_dim=16, layers=2, heads=4, hidden=64):
     return ModelShape(family=family, hidden_size=hidden, num_layers=layers, num_heads=heads, key_dim=key_dim,
                       value_dim=value_dim, vocab_size=128)
+
+
+def request(kind, shapes, timing=QUICK, **fields):
+    """A request of random-weight shapes (the launch, dtype and seed of the command line's defaults)."""
+    return BenchRequest(kind=kind, shapes=tuple(shapes), timing=timing, kernel_launch="keyred", dtype="auto", seed=0,
+                        **fields)
+
+
+def mixers(shapes, batch, seq_len, passes=PASSES, device="cpu", timing=QUICK, **fields):
+    return run_plan(request("mixer", shapes, timing, batch=batch, seq_len=seq_len, passes=passes, **fields), device,
+                    log=QUIET)
 
 
 def check_table(frame: pd.DataFrame, extra=()) -> None:
@@ -76,11 +104,15 @@ def test_shape_options_name_what_is_missing():
         resolve_dtype("float32", "cuda")
     with pytest.raises(BenchmarkError, match="--repeats must be an integer >= 1"):
         Timing(warmup=1, repeats=0)
+    with pytest.raises(BenchmarkError, match="--seq-len must be an integer >= 1"):
+        request_from_options("model", {"families": ["delta_net"], "size": "tiny", "batch": 1, "seq_len": 0})
 
 
 def test_reduction_folders_list_their_pruned_checkpoints_by_ratio(tmp_path):
-    for name in ("ratio0.75", "ratio0.25", "ratio0.5", "notes"):
-        (tmp_path / name).mkdir()
+    for name in ("ratio0.75", "ratio0.25", "ratio0.5"):
+        (tmp_path / name / "pruned").mkdir(parents=True)
+    (tmp_path / "ratio0.5" / "lora").mkdir()
+    (tmp_path / "notes").mkdir()
     assert reduction_checkpoints(tmp_path) == [tmp_path / f"ratio{r}" / "pruned" for r in ("0.25", "0.5", "0.75")]
     with pytest.raises(CheckpointError, match="holds no ratio\\*/pruned checkpoints"):
         reduction_checkpoints(tmp_path / "notes")
@@ -95,13 +127,14 @@ def checkpoints(tmp_path_factory):
     """A tiny random DeltaNet (d_k 16) and its l1-pruned child at ratio 0.5 (d_k 8), in a reduce-like layout."""
     from keyred.checkpoints import new_info, save_checkpoint
     from keyred.fla.models import build_model
-    from keyred.reduction.prune import PruneSettings, prune_checkpoint
+    from keyred.reduction.methods import prune_settings
+    from keyred.reduction.prune import prune_checkpoint
 
     root = tmp_path_factory.mktemp("bench_checkpoints")
     save_checkpoint(build_model("delta_net", "tiny", vocab_size=128, seed=0), root / "base",
                     new_info("delta_net", "tiny", stage="train", seed=0))
-    prune_checkpoint(root / "base", PruneSettings(method="l1", ratio=0.5), root / "reduction" / "ratio0.5" / "pruned",
-                     log=QUIET)
+    prune_checkpoint(root / "base", prune_settings({"method": "l1", "ratio": 0.5}),
+                     root / "reduction" / "ratio0.5" / "pruned", log=QUIET)
     return root
 
 
@@ -167,7 +200,7 @@ def test_out_of_memory_during_a_run_names_the_shape():
 @pytest.fixture(scope="module")
 def mixer_table():
     shapes = [tiny(family, key_dim) for family in ("delta_net", "gated_deltanet") for key_dim in (16, 8)]
-    return benchmark_mixers(shapes, batch=2, seq_len=80, timing=QUICK, device="cpu", log=QUIET)
+    return mixers(shapes, batch=2, seq_len=80)
 
 
 def test_mixer_benchmark_times_forward_and_backward_at_each_key_dim(mixer_table, tmp_path):
@@ -191,8 +224,8 @@ def test_mixer_benchmark_times_forward_and_backward_at_each_key_dim(mixer_table,
     ("gated_deltanet", "forward+backward", 64, "chunk_gated_delta_rule"),  # the gated layers keep chunk with grad
 ])
 def test_the_kernel_column_names_the_op_the_layer_chose(family, which, seq_len, kernel):
-    frame = benchmark_mixers([tiny(family, 8, heads=2, hidden=32)], batch=1, seq_len=seq_len,
-                             timing=Timing(warmup=1, repeats=1), device="cpu", passes=(which,), log=QUIET)
+    frame = mixers([tiny(family, 8, heads=2, hidden=32)], batch=1, seq_len=seq_len, passes=(which,),
+                   timing=Timing(warmup=1, repeats=1))
     assert frame["kernel"].tolist() == [kernel] and frame["kernel_backend"].tolist() == ["keyred-torch"]
 
 
@@ -202,9 +235,11 @@ def test_off_the_gpu_the_launch_column_says_keyred_torch(mixer_table):
 
 def test_a_cuda_graph_or_an_unknown_launch_is_refused_before_work():
     with pytest.raises(BenchmarkError, match="--cuda-graph needs a CUDA device"):
-        benchmark_mixers([tiny()], batch=1, seq_len=8, timing=QUICK, device="cpu", cuda_graph=True, log=QUIET)
+        mixers([tiny()], batch=1, seq_len=8, cuda_graph=True)
     with pytest.raises(BenchmarkError, match="unknown --kernel-launch 'fast'; allowed: keyred, fla"):
-        benchmark_mixers([tiny()], batch=1, seq_len=8, timing=QUICK, device="cpu", kernel_launch="fast", log=QUIET)
+        dataclasses.replace(request("mixer", [tiny()], batch=1, seq_len=8, passes=PASSES), kernel_launch="fast")
+    with pytest.raises(BenchmarkError, match="--cuda-graph decoding is not possible here: it needs a CUDA device"):
+        run_plan(request("decode", [tiny()], batches=(1,), prompt_len=2, steps=2, cuda_graph=True), "cpu", log=QUIET)
 
 
 def test_a_gated_backward_that_fla_refuses_on_hopper_is_refused_before_work(monkeypatch):
@@ -215,8 +250,7 @@ def test_a_gated_backward_that_fla_refuses_on_hopper_is_refused_before_work(monk
     monkeypatch.setattr(fla.utils, "TRITON_ABOVE_3_7_1", False)
     with pytest.raises(BenchmarkError, match="fla refuses the gated backward on Hopper GPUs with triton .* "
                                              "install triton >= 3.7.1 or measure --passes forward"):
-        benchmark_mixers([tiny("gated_deltanet")], batch=1, seq_len=8, timing=QUICK, device="cuda",
-                         passes=("forward+backward",), log=QUIET)
+        mixers([tiny("gated_deltanet")], batch=1, seq_len=8, passes=("forward+backward",), device="cuda")
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -227,9 +261,7 @@ DECODE_SHAPES = [tiny(family, key_dim, value_dim=32, heads=2) for family in ("de
 
 @pytest.fixture(scope="module")
 def decode_table():
-    sources = [shape_source(shape) for shape in DECODE_SHAPES]
-    return benchmark_decoding(sources, batches=(1, 3), prompt_len=5, steps=4, timing=QUICK, device="cpu",
-                              log=QUIET)
+    return run_plan(request("decode", DECODE_SHAPES, batches=(1, 3), prompt_len=5, steps=4), "cpu", log=QUIET)
 
 
 def test_decode_benchmark_table(decode_table):
@@ -251,6 +283,100 @@ def test_state_bytes_from_the_cache_equal_the_closed_form(decode_table):
     assert (recurrent["min"] == recurrent["max"]).all()          # the same for every batch size
     for family in ("delta_net", "gated_deltanet"):
         assert recurrent.loc[(family, 32), "min"] == 2 * recurrent.loc[(family, 16), "min"]  # exactly d_k
+
+
+# ----------------------------------------------------------------------- flags, --spec, workflow
+
+MIXER_FLAGS = ["--families", "delta_net", "gated_deltanet", "--hidden", "256", "--heads", "2", "--value-dim", "128",
+               "--key-dims", "128", "64", "32", "--batch", "2", "--seq-len", "256", "--passes", "forward",
+               "--cuda-graph", "--warmup", "2", "--repeats", "5"]
+MIXER_SPEC = {"families": ["delta_net", "gated_deltanet"], "hidden": 256, "heads": 2, "value_dim": 128,
+              "key_dims": [128, 64, 32], "batch": 2, "seq_len": 256, "passes": ["forward"], "cuda_graph": True,
+              "warmup": 2, "repeats": 5}
+
+
+def test_flags_and_spec_build_the_same_request():
+    from_flags, _ = parse_request(["mixer", "--out", "m.csv", *MIXER_FLAGS])
+    from_spec, args = parse_request(["mixer", "--out", "m.csv", "--spec", json.dumps(MIXER_SPEC)])
+    assert from_flags == from_spec == request_from_options("mixer", MIXER_SPEC)
+    assert (args.out, args.device, args.threads) == ("m.csv", "auto", None)
+    assert len(from_spec.shapes) == 6 and from_spec.cuda_graph and from_spec.passes == ("forward",)
+    mixed, _ = parse_request(["mixer", "--out", "m.csv", "--spec", json.dumps({"hidden": 256, "heads": 2}),
+                              *MIXER_FLAGS[:3], *MIXER_FLAGS[7:]])  # spec and flags combine
+    assert mixed == from_flags
+    defaults, _ = parse_request(["decode", "--out", "d.csv", "--families", "delta_net", "--size", "tiny",
+                                 "--batches", "1"])
+    assert (defaults.timing, defaults.prompt_len, defaults.steps, defaults.kernel_launch, defaults.dtype) == (
+        Timing(warmup=3, repeats=10), 16, 128, "keyred", "auto")
+
+
+@pytest.mark.parametrize("spec, flags, message", [
+    ({"batch": 2}, ["--batch", "3", "--seq-len", "8"], "--batch given both in --spec and as flags"),
+    ({"batch": 2, "seq_len": 8, "layers": 2}, [], "unknown key(s) 'layers' for mixer; allowed keys: families"),
+    ({"batch": "2", "seq_len": 8}, [], "--spec key 'batch': '2' is not an integer"),
+    ({"batch": 2, "seq_len": 8, "cuda_graph": 1}, [], "--spec key 'cuda_graph': 1 is not true or false"),
+    ({"batch": 2, "seq_len": 8, "families": "delta_net"}, [], "--spec key 'families' must be a list, each item a"),
+    ({"batch": 2, "seq_len": 8, "families": ["mamba"]}, [], "'mamba' is not allowed; allowed values: delta_net"),
+    ([1, 2], [], "--spec must be a JSON object of mixer options"),
+])
+def test_a_bad_spec_is_refused_naming_the_key(spec, flags, message, tmp_path, capsys):
+    code = main(["mixer", "--out", str(tmp_path / "m.csv"), "--spec", json.dumps(spec), *flags])
+    assert code == 2 and not (tmp_path / "m.csv").exists()
+    assert message in capsys.readouterr().err
+
+
+def test_a_required_option_missing_from_flags_and_spec_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_request(["model", "--out", "m.csv", "--spec", json.dumps({"batch": 2})])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: --seq-len" in capsys.readouterr().err
+
+
+def test_the_spec_of_each_job_holds_exactly_the_settings_it_reads():
+    default = {kind: bench_options(kind, {}) for kind in ("model", "mixer", "decode")}
+    changed = {kind: bench_options(kind, {"mixer": {"batch": 7}, "shape": {"num_layers": 5}})
+               for kind in ("model", "mixer", "decode")}
+    assert changed["model"] == default["model"]
+    assert changed["mixer"] == {**default["mixer"], "batch": 7}   # a mixer is one layer: num_layers is not read
+    assert changed["decode"] == {**default["decode"], "layers": 5}
+    for kind, options in default.items():
+        assert request_from_options(kind, options).timing == Timing(warmup=2, repeats=5)  # the schema's defaults
+    with pytest.raises(ConfigError, match="config key 'bench.decode.steps': 0 is less than the minimum of 1"):
+        bench_settings({"decode": {"steps": 0}})
+
+
+RECORDED = sorted((REPO / "tests" / "data" / "dry_run_before").glob("*.json"))
+BENCH_RULES = ("bench_mixer", "bench_decode", "bench_models")
+
+
+def command_request(command: str):
+    """The request, output, device and threads of a recorded or planned shell command of a bench rule."""
+    words = shlex.split(command)
+    words = words[words.index("-m") + 2:words.index(">")]
+    request, args = parse_request(words)
+    return request, (args.kind, args.out, args.device, args.threads)
+
+
+@pytest.fixture(scope="module")
+def planned_workflow(tmp_path_factory):
+    workdir = copy_workflow(tmp_path_factory.mktemp("bench_workflow"))
+    shutil.copytree(REPO / "configs", workdir / "configs")
+    return workdir
+
+
+@pytest.mark.parametrize("recorded", RECORDED, ids=[path.stem for path in RECORDED])
+def test_the_workflow_spec_asks_for_what_the_recorded_flags_asked_for(recorded, planned_workflow):
+    before = [job for job in json.loads(recorded.read_text()) if job["rule"] in BENCH_RULES]
+    config = () if recorded.stem == "default" else ("--configfile", f"configs/{recorded.stem}.yaml",
+                                                    "--replace-workflow-config")
+    after = {(job["rule"], job["output"]): job for job in dry_run_plan(planned_workflow, *config)
+             if job["rule"] in BENCH_RULES}
+    assert sorted(after) == sorted((job["rule"], job["output"]) for job in before) and len(before) >= 3
+    for old in before:
+        new = after[old["rule"], old["output"]]
+        assert "-m keyred.stages.bench " in new["command"] and " --spec " in new["command"]
+        assert (new["log"], new["resources"]) == (old["log"], old["resources"])
+        assert command_request(new["command"]) == command_request(old["command"]), old["rule"]
 
 
 # ------------------------------------------------------------------------------------- plots

@@ -1,17 +1,19 @@
 """keyred.kernels.cuda.chunk_launch: which chunk size fla's chunked ops get, and that it changes nothing
 but the chunking. The choice and the wrapping are checked on the CPU (with stand-in CUDA keys);
-the outputs of real layers at chunk 32 against fla's chunk 64 on a GPU (marker gpu).
+the outputs of real layers at chunk 32 against fla's chunk 64 on a GPU (marker gpu). On the CPU
+too: how the launch choices (this one and keyred.kernels.cuda.decode_launch) stack on the seam.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from keyred.kernels.cuda.chunk_launch import (CHUNK_OPS, FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch,
-                                         chunk_size_for)
+from keyred.fla.sites import CHUNK_LAUNCH_SITES
+from keyred.kernels.cuda.chunk_launch import FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch, chunk_size_for
 
 
 @pytest.mark.parametrize("op, key_dim, launch, training, expected", [
@@ -35,9 +37,9 @@ def test_an_unknown_launch_is_refused():
 def recorded(monkeypatch):
     """The layers' chunked ops replaced by recorders of their chunk_size keyword (None: not given)."""
     calls = []
-    for module_name, name in CHUNK_OPS.items():
-        module = importlib.import_module(module_name)
-        monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(kwargs.get("chunk_size")))
+    for site in CHUNK_LAUNCH_SITES:
+        module = importlib.import_module(site.module)
+        monkeypatch.setattr(module, site.attribute, lambda *args, **kwargs: calls.append(kwargs.get("chunk_size")))
     return calls
 
 
@@ -47,8 +49,8 @@ def _cuda_keys(key_dim):
 
 
 def test_keyred_launch_chooses_the_chunk_size_for_cuda_keys_without_grad(recorded):
-    module_name, name = next(iter(CHUNK_OPS.items()))
-    module = importlib.import_module(module_name)
+    site = CHUNK_LAUNCH_SITES[0]
+    module, name = importlib.import_module(site.module), site.attribute
     unwrapped = getattr(module, name)
     q = torch.zeros(2, requires_grad=True)
     with chunk_launch("keyred"):
@@ -68,20 +70,64 @@ def test_keyred_launch_chooses_the_chunk_size_for_cuda_keys_without_grad(recorde
 
 def test_fla_launch_leaves_the_ops_alone(recorded):
     with chunk_launch("fla"):
-        for module_name, name in CHUNK_OPS.items():
-            getattr(importlib.import_module(module_name), name)(q=None, k=_cuda_keys(32))
-    assert recorded == [None] * len(CHUNK_OPS)
+        for site in CHUNK_LAUNCH_SITES:
+            getattr(importlib.import_module(site.module), site.attribute)(q=None, k=_cuda_keys(32))
+    assert recorded == [None] * len(CHUNK_LAUNCH_SITES)
+
+
+def test_the_launch_choice_wraps_the_seam_and_a_recorder_wraps_the_launch_choice():
+    """The stacking order of keyred.fla.sites: seam (permanent) -> launch choice -> recorder."""
+    import keyred.fla.models  # noqa: F401  (installs the seam)
+    from keyred.fla.backend import routed_off_gpu
+    from keyred.fla.patching import current, patched
+
+    site = CHUNK_LAUNCH_SITES[0]
+    seam = current(site)
+    assert routed_off_gpu(seam) and seam.keyred_call_site == site
+
+    def recorder(site, previous):
+        return functools.wraps(previous)(lambda *args, **kwargs: previous(*args, **kwargs))
+
+    with chunk_launch("keyred"):
+        launch = current(site)
+        assert launch.__wrapped__ is seam and routed_off_gpu(launch)
+        with patched((site,), recorder):
+            assert current(site).__wrapped__ is launch
+        assert current(site) is launch
+    assert current(site) is seam
+
+
+def test_decode_launch_installs_its_choice_and_restores_what_it_found():
+    from keyred.fla.patching import current
+    from keyred.fla.sites import DECODE_LAUNCH_SITE
+    from keyred.kernels.cuda.decode_launch import decode_launch, tuned_fused_recurrent_delta_rule_fwd
+
+    fla_own = current(DECODE_LAUNCH_SITE)
+    with decode_launch("keyred", in_place=True):
+        chosen = current(DECODE_LAUNCH_SITE)
+        assert chosen.func is tuned_fused_recurrent_delta_rule_fwd and chosen.keywords == {"in_place": True}
+        with decode_launch("fla"):
+            assert current(DECODE_LAUNCH_SITE) is fla_own
+        assert current(DECODE_LAUNCH_SITE) is chosen
+    assert current(DECODE_LAUNCH_SITE) is fla_own
+    with pytest.raises(ValueError, match="unknown decode launch 'fast'; allowed: keyred, fla"), decode_launch("fast"):
+        pass
 
 
 # ------------------------------------------------------------------------------------- GPU
 
-def _layer(family, key_dim, value_dim=128, heads=4):
-    """One block of `family` on CUDA in bf16, hidden size heads x value_dim."""
-    from keyred.bench.run import ModelShape, mixer_layer, shape_config
+def _layer(family, key_dim, value_dim=128, heads=4, device="cuda"):
+    """One mixer of `family` (as its block builds it) in bf16, hidden size heads x value_dim, seeded."""
+    from keyred.fla.families import architecture, head_dim_fields
+    from keyred.fla.models import BLOCK_CLASSES, CONFIG_CLASSES
 
-    shape = ModelShape(family=family, hidden_size=heads * value_dim, num_layers=1, num_heads=heads,
-                       key_dim=key_dim, value_dim=value_dim)
-    return mixer_layer(shape_config(shape), "cuda", seed=0).bfloat16()
+    hidden = heads * value_dim
+    config = CONFIG_CLASSES[family](**{**architecture(family, "tiny"), "hidden_size": hidden, "num_hidden_layers": 1,
+                                       "num_heads": heads, **head_dim_fields(family, hidden, heads, key_dim, value_dim)})
+    torch.manual_seed(0)
+    with torch.device(device):
+        layer = BLOCK_CLASSES[family](config, layer_idx=0).attn
+    return layer.eval().bfloat16()
 
 
 @pytest.mark.gpu
@@ -106,12 +152,12 @@ def test_chunk_32_gives_the_chunk_64_outputs_on_the_gpu(key_dim, recorded_real):
 def recorded_real(monkeypatch):
     """The chunk_size keyword each real chunked op call gets (None: fla's default)."""
     calls = []
-    for module_name, name in CHUNK_OPS.items():
-        module = importlib.import_module(module_name)
-        op = getattr(module, name)
+    for site in CHUNK_LAUNCH_SITES:
+        module = importlib.import_module(site.module)
+        op = getattr(module, site.attribute)
 
         def record(*args, _op=op, **kwargs):
             calls.append(kwargs.get("chunk_size"))
             return _op(*args, **kwargs)
-        monkeypatch.setattr(module, name, record)
+        monkeypatch.setattr(module, site.attribute, record)
     return calls

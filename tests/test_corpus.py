@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from keyred.data import corpus
 from keyred.config import ConfigError
-from keyred.data.corpus import (CorpusSettings, build_corpus, clean_wiki_markup, corpus_settings, main, read_documents,
-                           split_documents)
+from keyred.data import corpus
+from keyred.data.corpus import build_corpus, clean_wiki_markup, corpus_settings, read_documents, split_documents
+from keyred.stages.corpus import main
 
 
 def split_texts(folder):
@@ -39,7 +39,7 @@ def offline(monkeypatch):
 def wikipedia(tmp_path_factory):
     """The default corpus (wikipedia_sample), built once (about 3 s)."""
     folder = tmp_path_factory.mktemp("corpus") / "wikipedia"
-    return folder, build_corpus(CorpusSettings(), folder)
+    return folder, build_corpus(corpus_settings({}), folder)
 
 
 def test_wikipedia_sample_is_natural_english(wikipedia):
@@ -60,7 +60,7 @@ def test_wikipedia_sample_is_natural_english(wikipedia):
 
 def test_wikipedia_sample_is_deterministic(wikipedia, tmp_path):
     folder, _ = wikipedia
-    build_corpus(CorpusSettings(), tmp_path / "again")
+    build_corpus(corpus_settings({}), tmp_path / "again")
     for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "corpus.json"):
         assert (tmp_path / "again" / name).read_bytes() == (folder / name).read_bytes()
 
@@ -141,7 +141,7 @@ def test_token_budget_stops_reading(tmp_path):
     ({"source": "web"}, "allowed values: wikipedia_sample, hub, files"),
     ({"source": "files"}, "needs at least one path"),
     ({"source": "hub"}, "needs a token budget"),
-    ({"validation_fraction": 0}, "between 0 and 1"),
+    ({"validation_fraction": 0}, "corpus.validation_fraction': 0 is less than or equal to the minimum of 0"),
     ({"validation_fraction": 0.6, "test_fraction": 0.5}, "must be below 1"),
     ({"min_chars": 0}, "corpus.min_chars"),
     ({"seed": "1"}, "corpus.seed"),
@@ -186,7 +186,7 @@ def test_hub_offline_is_a_config_error(offline, tmp_path):
 
 
 def test_read_documents_missing_file(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist: make the corpus with python -m keyred.data.corpus"):
+    with pytest.raises(ConfigError, match="does not exist: make the corpus with keyred corpus"):
         read_documents(tmp_path / "train.jsonl")
 
 

@@ -1,4 +1,6 @@
-"""Evaluation through lm-eval: local tasks, an independent perplexity check, length extrapolation, the CLI."""
+"""keyred.evaluation and keyred.stages.evaluate: settings from the schema, local tasks, lm-eval with an
+independent perplexity check, length extrapolation, the CLI."""
+import dataclasses
 import json
 import math
 import random
@@ -9,11 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keyred.config import ConfigError, settings_from_dict
-from keyred.evaluation.lm_eval import (LAST_WORD_CONTEXT_WORDS, EvaluateSettings, evaluate_model, last_word_samples,
-                             length_extrapolation, main, recall_samples, with_columns)
 from keyred.checkpoints import new_info, save_checkpoint
+from keyred.config import ConfigError, load_schema
+from keyred.evaluation.extrapolation import length_extrapolation
+from keyred.evaluation.runner import evaluate_model, with_columns
+from keyred.evaluation.settings import EvaluateSettings, evaluate_settings
+from keyred.evaluation.tasks import (HUB_TASKS, LAST_WORD_CONTEXT_WORDS, LOCAL_TASKS, RECALL_KEY_LETTERS,
+                                     last_word_samples, recall_samples)
 from keyred.fla.models import build_model
+from keyred.stages.evaluate import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -64,7 +70,7 @@ def model(tokenizer):
 
 @pytest.fixture(scope="module")
 def table(model, tokenizer, documents):
-    return evaluate_model(model, tokenizer, documents, EvaluateSettings(**SETTINGS))
+    return evaluate_model(model, tokenizer, documents, evaluate_settings(SETTINGS))
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
@@ -75,16 +81,33 @@ def token_stream(tokenizer, documents) -> np.ndarray:
 # ------------------------------------------------------------------------------------ settings and task data
 
 def test_unknown_tasks_and_keys_list_the_allowed_ones():
-    with pytest.raises(ConfigError, match=r"'evaluate.tasks': unknown task\(s\) 'mmlu'; allowed: heldout_perplexity, "
-                                          r"heldout_last_word, assoc_recall"):
-        settings_from_dict(EvaluateSettings, {"tasks": ["heldout_perplexity", "mmlu"]}, "evaluate")
-    with pytest.raises(ConfigError, match=r"'evaluate.hub_tasks': unknown task\(s\) 'boolq'; allowed: wikitext, "):
-        EvaluateSettings(hub_tasks=["boolq"])
+    with pytest.raises(ConfigError, match=r"'evaluate.tasks.1': 'mmlu' is not allowed; allowed values: "
+                                          r"heldout_perplexity, heldout_last_word, assoc_recall"):
+        evaluate_settings({"tasks": ["heldout_perplexity", "mmlu"]})
+    with pytest.raises(ConfigError, match=r"'evaluate.hub_tasks.0': 'boolq' is not allowed; allowed values: wikitext, "):
+        evaluate_settings({"hub_tasks": ["boolq"]})
     with pytest.raises(ConfigError, match=r"unknown key\(s\) 'shots'"):
-        settings_from_dict(EvaluateSettings, {"shots": 5}, "evaluate")
-    with pytest.raises(ConfigError, match=r"'evaluate.batch_size': must be a whole number >= 1, got 0"):
-        EvaluateSettings(batch_size=0)
-    assert settings_from_dict(EvaluateSettings, {"tasks": ["assoc_recall"]}, "evaluate").tasks == ("assoc_recall",)
+        evaluate_settings({"shots": 5})
+    with pytest.raises(ConfigError, match=r"'evaluate.batch_size': 0 is less than the minimum of 1"):
+        evaluate_settings({"batch_size": 0})
+    with pytest.raises(ConfigError, match=r"'evaluate.tasks': 'assoc_recall' is not of type 'array'"):
+        evaluate_settings({"tasks": "assoc_recall"})
+    with pytest.raises(ConfigError, match=rf"'evaluate.recall_pairs': at most {26 ** RECALL_KEY_LETTERS}, got 17577"):
+        evaluate_settings({"recall_pairs": 26 ** RECALL_KEY_LETTERS + 1})
+    assert evaluate_settings({"tasks": ["assoc_recall"]}).tasks == ("assoc_recall",)
+    assert evaluate_settings({"tasks": ["assoc_recall", "heldout_perplexity", "assoc_recall"]}).tasks == \
+        ("assoc_recall", "heldout_perplexity")
+
+
+def test_settings_are_the_schema_section():
+    """Defaults, ranges and task names come from the schema; the code's task lists are its enumerations."""
+    schema = load_schema()["properties"]["evaluate"]["properties"]
+    built = evaluate_settings(None)
+    assert dataclasses.asdict(built) == {key: tuple(entry["default"]) if isinstance(entry["default"], list)
+                                         else entry["default"] for key, entry in schema.items()}
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(EvaluateSettings))
+    assert tuple(schema["tasks"]["items"]["enum"]) == LOCAL_TASKS == tuple(schema["tasks"]["default"])
+    assert tuple(schema["hub_tasks"]["items"]["enum"]) == HUB_TASKS
 
 
 def test_last_word_passages_end_on_a_word_of_the_document(documents):
@@ -148,13 +171,13 @@ def test_vocabulary_mismatch_fails_before_evaluating(tokenizer, documents):
     small = build_model("delta_net", "tiny", vocab_size=len(tokenizer) - 10, seed=0)
     with pytest.raises(ConfigError, match=rf"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                                           rf"{len(tokenizer) - 10}"):
-        evaluate_model(small, tokenizer, documents, EvaluateSettings())
+        evaluate_model(small, tokenizer, documents, evaluate_settings({}))
 
 
 def test_hub_tasks_offline_name_the_task(monkeypatch, model, tokenizer, documents):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ConfigError, match=r"hub task\(s\) piqa, wikitext need network access .* HF_DATASETS_OFFLINE"):
-        evaluate_model(model, tokenizer, documents, EvaluateSettings(hub_tasks=["piqa", "wikitext"]))
+        evaluate_model(model, tokenizer, documents, evaluate_settings({"hub_tasks": ["piqa", "wikitext"]}))
 
 
 # ------------------------------------------------------------------------------------ length extrapolation
@@ -201,4 +224,6 @@ def test_cli_writes_both_tables(tmp_path, model, tokenizer, documents, capsys):
     assert "[evaluate] assoc_recall: 30 samples" in capsys.readouterr().out
 
     assert main(args + ["--spec", json.dumps({"tasks": ["lambada"]})]) == 2
-    assert "error: config key 'evaluate.tasks': unknown task(s) 'lambada'" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "config key 'evaluate.tasks.0': 'lambada' is not allowed; allowed values: " \
+        "heldout_perplexity, heldout_last_word, assoc_recall" in error

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from keyred.config import ConfigError
-from keyred.training.lora import (FinetuneSettings, add_lora, check_targets, distillation_loss, extra_parameter_names,
-                             finetune, finetune_settings, lora_targets, main, training_loss)
 from keyred.fla.families import FAMILIES
+from keyred.stages.finetune import main
+from keyred.training.lora import (add_lora, check_targets, distillation_loss, extra_parameter_names, finetune,
+                                  finetune_settings, lora_targets, training_loss)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -43,6 +44,11 @@ def lora_b_weights(peft_model, target: str) -> list:
     return [p for name, p in peft_model.named_parameters() if name.endswith(f".{target}.lora_B.default.weight")]
 
 
+def lora_settings(**values):
+    """FinetuneSettings with these values, the rest the schema's defaults."""
+    return finetune_settings(values)
+
+
 def randomize_adapters(peft_model) -> None:
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
@@ -54,26 +60,26 @@ def randomize_adapters(peft_model) -> None:
 
 def test_defaults_follow_the_keyreduction_recipe():
     settings = finetune_settings({"target_modules": ["q_proj", "k_proj", "v_proj"]})
-    assert settings == FinetuneSettings()
+    assert settings == finetune_settings({}) == finetune_settings(None)
     assert (settings.rank, settings.alpha, settings.dropout, settings.lr) == (32, 64, 0, 1e-4)
     assert settings.target_modules == ("q_proj", "k_proj", "v_proj") and settings.train_extra
     assert (settings.distill, settings.distill_temperature) == (False, 2.0)
 
 
 @pytest.mark.parametrize("values, match", [
-    ({"rank": 0}, r"'finetune.rank': must be an integer >= 1"),
-    ({"steps": 2.5}, r"'finetune.steps'"),
-    ({"seq_len": 1}, r"'finetune.seq_len': must be an integer >= 2"),
-    ({"lr": 0}, r"'finetune.lr': must be a number > 0"),
-    ({"alpha": -1}, r"'finetune.alpha'"),
-    ({"dropout": 1.0}, r"'finetune.dropout': must be a number in \[0, 1\)"),
-    ({"distill_weight": 1.5}, r"'finetune.distill_weight': must be a number in \[0, 1\]"),
-    ({"distill_temperature": 0}, r"'finetune.distill_temperature'"),
-    ({"distill": "yes"}, r"'finetune.distill': must be true or false"),
-    ({"warmup_steps": -1}, r"'finetune.warmup_steps'"),
-    ({"target_modules": []}, r"'finetune.target_modules': must be a non-empty list"),
-    ({"target_modules": "q_proj"}, r"'finetune.target_modules'"),
-    ({"target_modules": ["q_proj", "q_proj"]}, r"distinct"),
+    ({"rank": 0}, r"'reduction.finetune.rank': 0 is less than the minimum of 1"),
+    ({"steps": 2.5}, r"'reduction.finetune.steps': 2.5 is not of type 'integer'"),
+    ({"seq_len": 1}, r"'reduction.finetune.seq_len': 1 is less than the minimum of 2"),
+    ({"lr": 0}, r"'reduction.finetune.lr': 0 is less than or equal to the minimum of 0"),
+    ({"alpha": -1}, r"'reduction.finetune.alpha'"),
+    ({"dropout": 1.0}, r"'reduction.finetune.dropout': 1.0 is greater than or equal to the maximum of 1"),
+    ({"distill_weight": 1.5}, r"'reduction.finetune.distill_weight': 1.5 is greater than the maximum of 1"),
+    ({"distill_temperature": 0}, r"'reduction.finetune.distill_temperature'"),
+    ({"distill": "yes"}, r"'reduction.finetune.distill': 'yes' is not of type 'boolean'"),
+    ({"warmup_steps": -1}, r"'reduction.finetune.warmup_steps'"),
+    ({"target_modules": []}, r"'reduction.finetune.target_modules': \[\] should be non-empty"),
+    ({"target_modules": "q_proj"}, r"'reduction.finetune.target_modules': 'q_proj' is not of type 'array'"),
+    ({"target_modules": ["q_proj", "q_proj"]}, r"has non-unique elements"),
     ({"ranks": 8}, r"unknown key\(s\) 'ranks'; allowed keys: .*rank"),
 ])
 def test_bad_settings_name_the_key(values, match):
@@ -96,7 +102,7 @@ def test_every_allowed_adapter_changes_logits_and_loss(family):
     model = tiny(family)
     safe = {name for name, reason in lora_targets(model).items() if reason is None}
     assert safe == SAFE[family]
-    peft_model = add_lora(model, FinetuneSettings(rank=2, alpha=2, target_modules=tuple(sorted(safe))))
+    peft_model = add_lora(model, lora_settings(rank=2, alpha=2, target_modules=sorted(safe)))
     peft_model.train()  # the training code path (chunk kernels, fused q/k/v conv in GatedDeltaNet)
     ids = tokens()
     with torch.no_grad():
@@ -126,7 +132,7 @@ def test_bypassed_or_unknown_targets_are_refused_with_the_reason(target, match):
         check_targets(model, ("q_proj", target))
     assert "allowed values" in str(error.value) and "g_proj" in str(error.value)
     with pytest.raises(ConfigError, match=match):
-        add_lora(model, FinetuneSettings(target_modules=(target,)))
+        add_lora(model, lora_settings(target_modules=[target]))
 
 
 def test_the_refusals_follow_the_config():
@@ -164,7 +170,7 @@ def test_the_refused_adapters_really_are_ignored():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_adapters_give_the_unmerged_logits(family):
     model = tiny(family)
-    peft_model = add_lora(model, FinetuneSettings(rank=4, target_modules=tuple(sorted(SAFE[family]))))
+    peft_model = add_lora(model, lora_settings(rank=4, target_modules=sorted(SAFE[family])))
     randomize_adapters(peft_model)
     peft_model.eval()
     ids = tokens()
@@ -186,7 +192,7 @@ def test_extra_parameters_train_and_base_weights_are_frozen():
     assert {f"{layer}.attn.q_conv1d.weight", f"{layer}.attn.k_conv1d.weight", f"{layer}.attn.v_conv1d.weight",
             f"{layer}.attn.o_norm.weight", f"{layer}.attn_norm.weight", f"{layer}.mlp_norm.weight",
             f"{layer}.attn.dt_bias", "model.norm.weight"} <= extras
-    peft_model = add_lora(model, FinetuneSettings())
+    peft_model = add_lora(model, lora_settings())
     trainable = {name.removeprefix("base_model.model.") for name, p in peft_model.named_parameters()
                  if p.requires_grad}
     assert trainable == extras | {name for name in trainable if ".lora_" in name}
@@ -196,7 +202,7 @@ def test_extra_parameters_train_and_base_weights_are_frozen():
     assert {f"{layer}.attn.q_proj.base_layer.weight", f"{layer}.attn.o_proj.weight", f"{layer}.attn.A_log",
             f"{layer}.mlp.down_proj.weight", "model.embeddings.weight", "lm_head.weight"} <= frozen
 
-    peft_model = add_lora(tiny("gated_deltanet"), FinetuneSettings(train_extra=False))
+    peft_model = add_lora(tiny("gated_deltanet"), lora_settings(train_extra=False))
     assert all(".lora_" in name for name, p in peft_model.named_parameters() if p.requires_grad)
 
 
@@ -232,8 +238,8 @@ def prune_like(teacher, keep: int):
 
 
 def test_a_few_steps_lower_the_training_loss(packed_wikipedia):
-    settings = FinetuneSettings(steps=12, batch_size=4, seq_len=32, lr=3e-2, warmup_steps=0, rank=8, alpha=16,
-                                eval_sequences=8, log_every=1)
+    settings = lora_settings(steps=12, batch_size=4, seq_len=32, lr=3e-2, warmup_steps=0, rank=8, alpha=16,
+                             eval_sequences=8, log_every=1)
     lines = []
     merged, rows, summary = finetune(sharpened(tiny("delta_net")), packed_wikipedia / "packed", settings, "cpu",
                                      log=lines.append)
@@ -251,7 +257,7 @@ def test_training_loss_mixes_distillation_and_cross_entropy():
     teacher = tiny("gated_deltanet", seed=1).eval()
     student = tiny("gated_deltanet")
     ids = tokens()
-    loss, lm_loss, kl = training_loss(student, ids, FinetuneSettings(distill_weight=0.25), teacher)
+    loss, lm_loss, kl = training_loss(student, ids, lora_settings(distill_weight=0.25), teacher)
     with torch.no_grad():
         expected_kl = distillation_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, 2.0)
         expected_lm = student(input_ids=ids, labels=ids).loss
@@ -265,7 +271,7 @@ def test_cli_distils_a_pruned_gated_deltanet_and_saves_a_plain_checkpoint(packed
     from keyred.fla.families import key_head_dim
     from keyred.data.packing import PackedTokens
     from keyred.data.tokenizer import load_tokenizer
-    from keyred.training.lm import validation_loss
+    from keyred.training.batches import validation_loss
 
     packed = packed_wikipedia / "packed"
     teacher = sharpened(tiny("gated_deltanet")).eval()
@@ -312,7 +318,7 @@ def test_cli_distils_a_pruned_gated_deltanet_and_saves_a_plain_checkpoint(packed
 
 
 @pytest.mark.parametrize("spec, match", [
-    ({"rank": 0}, "config key 'finetune.rank'"),
+    ({"rank": 0}, "config key 'reduction.finetune.rank'"),
     ({"target_modules": ["down_proj"]}, "'down_proj' cannot take a LoRA adapter: with fuse_swiglu=True"),
     ({"distill": True}, "records no parent to distil from; pass --teacher"),
 ])

@@ -30,7 +30,8 @@ from fla.ops.delta_rule import chunk_delta_rule, fused_recurrent_delta_rule  # n
 from fla.ops.gated_delta_product import chunk_gated_delta_product  # noqa: E402
 from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule  # noqa: E402
 
-from keyred.fla import backend  # noqa: E402
+from keyred.fla import backend, torch_ops  # noqa: E402
+from keyred.fla.sites import CPU_SITES  # noqa: E402
 from keyred.kernels import delta_rule  # noqa: E402
 from keyred.kernels.layers import l2norm  # noqa: E402
 
@@ -189,8 +190,8 @@ def test_gated_delta_product_matches_fla(n, gated):
     label = f"gated_delta_product[n={n}, gated={gated}]"
     compare(f"{label} o", o, o_ref, **OPS_TOL)
     compare(f"{label} final state", ht, ht_ref, **OPS_TOL)
-    adapter = backend.chunk_gated_delta_product(qf, kf, vf, gf, betaf, num_householder=n, initial_state=h0f,
-                                                output_final_state=True, use_qk_l2norm_in_kernel=True)
+    adapter = torch_ops.chunk_gated_delta_product(qf, kf, vf, gf, betaf, num_householder=n, initial_state=h0f,
+                                                  output_final_state=True, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(adapter[0], o_ref)
 
     inputs, ref_inputs = [q, k, v, beta, h0], [qf, kf, vf, betaf, h0f]
@@ -267,7 +268,7 @@ def test_no_keyred_code_runs_for_cuda_tensors(family, seam, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("keyred's torch code ran for CUDA tensors")
 
-    for site in backend.CALL_SITES:
+    for site in CPU_SITES:
         dispatcher = operator.attrgetter(site.attribute)(importlib.import_module(site.module))
         monkeypatch.setattr(dispatcher, "off_gpu", forbidden)
     # fla 0.6.0's gated chunk backward (chunk_bwd_dqkwg) hits an illegal memory access on an H100

@@ -2,11 +2,12 @@
 
 import itertools
 import math
+import re
 
 import numpy as np
 import pytest
 
-from keyred.data.groups import MAX_ORDER, build_group, group_order, lexicographic_permutations
+from keyred.data.groups import MAX_ORDER, NAME_PATTERN, build_group, group_order, lexicographic_permutations
 
 SMALL = ["S1", "S2", "S3", "S4", "S5", "A1", "A2", "A3", "A4", "A5", "Z1", "Z2", "Z7", "Z60",
          "A4_x_Z5", "Z2_x_Z3", "Z2_x_Z2_x_S3"]          # |G| <= 120: associativity checked exhaustively
@@ -143,11 +144,22 @@ def test_groups_are_cached_and_read_only():
         group.table[0, 0] = 1
 
 
-@pytest.mark.parametrize("name", ["", "S", "S0", "Z0", "s3", "X3", "S3xZ2", "S3_x_", "_x_S3", "Z03", "S3 ",
-                                  "S-1", "A4_X_Z5", "S3_x__x_Z2", 3])
+MALFORMED = ["", "S", "S0", "Z0", "s3", "X3", "S3xZ2", "S3_x_", "_x_S3", "Z03", "S3 ", "S-1", "A4_X_Z5", "S3_x__x_Z2"]
+
+
+@pytest.mark.parametrize("name", MALFORMED + [3])
 def test_malformed_names_show_the_grammar(name):
     with pytest.raises(ValueError, match=r"S<n>, A<n>, Z<n> \(n >= 1.*joined by _x_.*at most 5040"):
         build_group(name)
+
+
+def test_name_pattern_is_the_grammar_the_parser_reads():
+    """NAME_PATTERN (the config schema's pattern of state_tracking.groups) matches exactly the
+    names the parser reads; their size is checked by the parser alone."""
+    for name in SMALL + LARGE + ["S8", "Z5041", "S7_x_Z2"]:
+        assert re.fullmatch(NAME_PATTERN, name), name
+    for name in MALFORMED:
+        assert not re.fullmatch(NAME_PATTERN, name), name
 
 
 @pytest.mark.parametrize("name", ["S8", "A8", "Z5041", "S7_x_Z2", "Z100_x_Z100", "S1000000000"])

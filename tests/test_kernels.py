@@ -1,4 +1,6 @@
-"""keyred's chunked delta-rule kernels against fla's naive per-token references (CPU).
+"""keyred's torch kernels (CPU): the chunked delta-rule kernels against fla's naive per-token
+references, and keyred.kernels.layers (norms, short convolutions, GLUs, cross-entropy) against
+formulas written out here.
 
 fla's references compute in float32 (`.float()`, `torch.float32`); `_fla_in_float64` makes them
 run in float64 so that forward outputs, final states and gradients can be compared at ~1e-9.
@@ -16,6 +18,7 @@ from fla.ops.delta_rule.naive import delta_rule_recurrence
 from fla.ops.gated_delta_product.naive import naive_recurrent_gated_delta_product
 from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
 
+from keyred.kernels import layers
 from keyred.kernels.delta_rule import _decay, chunk_delta_product, chunk_gated_delta_rule
 
 F64 = dict(rtol=1e-8, atol=1e-9)
@@ -246,3 +249,150 @@ def test_autocast_does_not_change_the_kernel_precision():
         got, _ = chunk_gated_delta_rule(q, k, v, beta, g)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected)
+
+
+# --- keyred.kernels.layers against formulas ------------------------------------------------------------
+
+def test_l2norm_uses_fla_eps():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-4, 0.0]])
+    expected = x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(layers.l2norm(x), expected)
+    assert layers.l2norm(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_formula(dtype, with_residual):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=gen).to(dtype)
+    residual = torch.randn(3, 5, 16, generator=gen).to(dtype) if with_residual else None
+    weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+    summed = x.float() + (residual.float() if with_residual else 0)
+    expected = summed / torch.sqrt(summed.square().mean(-1, keepdim=True) + 1e-5) * weight + bias
+
+    y = layers.rms_norm(x, weight, bias, residual=residual, eps=1e-5)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected.to(dtype))
+    y, stream = layers.rms_norm(x, weight, bias, residual=residual, prenorm=True)
+    torch.testing.assert_close(y, expected.to(dtype))
+    assert stream.dtype == dtype
+    torch.testing.assert_close(stream, summed.to(dtype))
+    _, stream = layers.rms_norm(x, weight, None, residual=None, prenorm=True, residual_in_fp32=True)
+    assert stream.dtype == torch.float32
+
+    # the residual stream carries gradient back to both inputs
+    x64 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    r64 = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    y, stream = layers.rms_norm(x64, None, None, residual=r64, prenorm=True)
+    (y.sum() + 2 * stream.sum()).backward()
+    torch.testing.assert_close(x64.grad, r64.grad)
+    s = (x64 + r64).detach().requires_grad_()
+    (s / torch.sqrt(s.square().mean(-1, keepdim=True) + 1e-5)).sum().add(2 * s.sum()).backward()
+    torch.testing.assert_close(x64.grad, s.grad)
+
+
+@pytest.mark.parametrize("activation", ["swish", "silu", "sigmoid"])
+def test_gated_rms_norm_matches_formula(activation):
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(2, 7, 12, generator=gen), torch.randn(2, 7, 12, generator=gen)
+    weight = torch.randn(12, generator=gen)
+    gate = g * torch.sigmoid(g) if activation != "sigmoid" else torch.sigmoid(g)
+    expected = x / torch.sqrt(x.square().mean(-1, keepdim=True) + 1e-6) * weight * gate
+    torch.testing.assert_close(layers.rms_norm_gated(x, g, weight, None, activation=activation), expected)
+    with pytest.raises(ValueError, match="gate activation 'gelu'"):
+        layers.rms_norm_gated(x, g, weight, None, activation="gelu")
+
+
+def conv_reference(x, weight, bias, initial_state, activation):
+    """y_t = sum_i weight[:, i] * x_{t-W+1+i}, inputs before t = 0 read from initial_state [B, D, W]."""
+    B, T, D = x.shape
+    W = weight.shape[1]
+    history = torch.zeros(B, D, W) if initial_state is None else initial_state
+    seq = torch.cat([history.transpose(1, 2), x], dim=1)  # position p of x is W + p here
+    y = torch.stack([sum(weight[:, i] * seq[:, W + t - (W - 1) + i] for i in range(W)) for t in range(T)], dim=1)
+    y = y + (bias if bias is not None else 0)
+    return F.silu(y) if activation else y
+
+
+@pytest.mark.parametrize("length", [2, 9])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("activation", [None, "silu"])
+def test_causal_conv1d_matches_reference(length, with_state, activation):
+    gen = torch.Generator().manual_seed(2)
+    B, D, W = 2, 6, 4
+    x, residual = torch.randn(B, length, D, generator=gen), torch.randn(B, length, D, generator=gen)
+    weight, bias = torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    h0 = torch.randn(B, D, W, generator=gen) if with_state else None
+    y, final = layers.causal_conv1d(x, weight, bias, residual=residual, initial_state=h0, output_final_state=True,
+                                    activation=activation)
+    torch.testing.assert_close(y, conv_reference(x, weight, bias, h0, activation) + residual)
+    history = torch.zeros(B, D, W) if h0 is None else h0
+    torch.testing.assert_close(final, torch.cat([history, x.transpose(1, 2)], dim=-1)[..., -W:])
+    if h0 is None:  # ShortConvolution is an nn.Conv1d with padding W - 1; its own forward, cut to T
+        conv = torch.nn.Conv1d(D, D, W, padding=W - 1, groups=D, bias=True)
+        with torch.no_grad():
+            conv.weight.copy_(weight.unsqueeze(1))
+            conv.bias.copy_(bias)
+            plain = conv(x.transpose(1, 2))[..., :length].transpose(1, 2)
+        torch.testing.assert_close(y - residual, F.silu(plain) if activation else plain)
+
+
+def test_causal_conv1d_packed_sequences_equal_separate_calls():
+    gen = torch.Generator().manual_seed(3)
+    D, W = 5, 3
+    weight = torch.randn(D, W, generator=gen)
+    lengths = [4, 1, 6]
+    xs = [torch.randn(1, n, D, generator=gen) for n in lengths]
+    h0 = torch.randn(3, D, W, generator=gen)
+    cu_seqlens = torch.tensor([0, 4, 5, 11])
+    y, final = layers.causal_conv1d(torch.cat(xs, dim=1), weight, initial_state=h0, output_final_state=True,
+                                    activation="swish", cu_seqlens=cu_seqlens)
+    for i, x in enumerate(xs):
+        y_i, final_i = layers.causal_conv1d(x, weight, initial_state=h0[i:i + 1], output_final_state=True,
+                                            activation="swish")
+        torch.testing.assert_close(y[:, cu_seqlens[i]:cu_seqlens[i + 1]], y_i)
+        torch.testing.assert_close(final[i:i + 1], final_i)
+
+
+@pytest.mark.parametrize("layout", ["n_d", "n_1_d", "1_n_d"])
+def test_single_token_conv_steps_equal_the_full_conv(layout):
+    gen = torch.Generator().manual_seed(4)
+    B, T, D, W = 3, 7, 6, 4
+    x, weight, bias = torch.randn(B, T, D, generator=gen), torch.randn(D, W, generator=gen), torch.randn(D, generator=gen)
+    h0 = torch.randn(B, D, W, generator=gen)
+    full, final = layers.causal_conv1d(x, weight, bias, initial_state=h0, output_final_state=True, activation="silu")
+    cache = h0.clone()
+    steps = []
+    for t in range(T):
+        token = {"n_d": x[:, t], "n_1_d": x[:, t:t + 1], "1_n_d": x[:, t].unsqueeze(0)}[layout]
+        y, returned = layers.causal_conv1d_update(token, cache, weight=weight, bias=bias, activation="silu")
+        assert returned is cache and y.shape == token.shape
+        steps.append(y.reshape(B, D))
+    torch.testing.assert_close(torch.stack(steps, dim=1), full)
+    torch.testing.assert_close(cache, final)
+
+
+def test_swiglu_and_powglu_match_formulas():
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
+    weight, bias = torch.randn(3, 10, generator=gen), torch.randn(3, generator=gen)
+    torch.testing.assert_close(layers.swiglu(x, y), x * torch.sigmoid(x) * y)
+    torch.testing.assert_close(layers.swiglu_linear(x, y, weight, bias), (x * torch.sigmoid(x) * y) @ weight.T + bias)
+    gate = torch.where(x > 0, x.clamp_min(1e-30) ** (3.0 / (x.clamp_min(0).sqrt() + 1)) * torch.sigmoid(x),
+                       x * torch.sigmoid(x))
+    torch.testing.assert_close(layers.powglu(x, y), gate * y)
+    torch.testing.assert_close(layers.powglu_linear(x, y, weight, None, 3.0), (gate * y) @ weight.T)
+    at_zero = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    layers.powglu(at_zero, torch.ones(3)).sum().backward()
+    assert at_zero.grad.isfinite().all()
+
+
+def test_cross_entropy_scale_softcap_and_z_loss():
+    gen = torch.Generator().manual_seed(7)
+    logits, target = torch.randn(6, 11, generator=gen), torch.randint(11, (6,), generator=gen)
+    loss, z_loss = layers.cross_entropy_loss(logits, target, logit_scale=0.7, logit_softcapping=2.0,
+                                             lse_square_scale=1e-2)
+    z = 2.0 * torch.tanh(0.7 * logits / 2.0)
+    lse = z.logsumexp(-1)
+    torch.testing.assert_close(z_loss, 1e-2 * lse ** 2)
+    torch.testing.assert_close(loss, lse - z.gather(-1, target[:, None])[:, 0] + 1e-2 * lse ** 2)

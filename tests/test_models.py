@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from keyred.checkpoints import CheckpointError, load_checkpoint, new_info, read_info, save_checkpoint
-from keyred.fla.families import FAMILIES, ModelSpecError, architecture, key_head_dim
-from keyred.fla.models import build_model
+from keyred.fla.families import (FAMILIES, REGISTRY, ModelSpecError, architecture, head_dim_fields, key_head_dim,
+                                  value_head_dim, with_key_dim)
+from keyred.fla.models import (BLOCK_CLASSES, CONFIG_CLASSES, LAYER_CLASSES, MODEL_CLASSES, attention_layers,
+                               build_model, model_config)
 
 VOCAB = 64
 
@@ -28,10 +30,35 @@ def test_unknown_family_and_size_list_the_allowed_ones():
     ("delta_net", "tiny", 16, 2), ("gated_deltaproduct", "tiny", 16, 2),
 ])
 def test_named_sizes(family, size, d_k, layers):
-    from keyred.fla.models import model_config
     config = model_config(family, size)
     assert config.model_type == family
     assert key_head_dim(config) == d_k and config.num_hidden_layers == layers
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_registry_names_each_family_s_fla_classes(family):
+    config = model_config(family, "tiny", VOCAB)
+    assert CONFIG_CLASSES[family].model_type == family and MODEL_CLASSES[family].config_class is CONFIG_CLASSES[family]
+    block = BLOCK_CLASSES[family](config, layer_idx=0)
+    assert type(block.attn) is LAYER_CLASSES[family] and LAYER_CLASSES[family].__module__ == REGISTRY[family].layer_module
+    model = tiny(family)
+    assert [name for name, _ in attention_layers(model)] == [f"model.layers.{i}.attn" for i in range(2)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("key_dim", [5, 8, 12])
+def test_with_key_dim_changes_d_k_and_keeps_d_v(family, key_dim):
+    config = model_config(family, "tiny", VOCAB)
+    d_k, d_v = key_head_dim(config), value_head_dim(config)
+    changed = with_key_dim(config, key_dim)
+    assert (key_head_dim(changed), value_head_dim(changed)) == (key_dim, d_v)
+    assert (key_head_dim(config), value_head_dim(config)) == (d_k, d_v), "the original is unchanged"
+    differs = {name for name, value in changed.to_dict().items() if config.to_dict()[name] != value}
+    assert differs == ({"expand_k"} if family == "delta_net" else {"head_dim", "expand_v"})
+    layer = BLOCK_CLASSES[family](changed, layer_idx=0).attn      # as fla builds it from the config
+    assert (layer.head_k_dim, layer.head_v_dim) == (key_dim, d_v)
+    fields = head_dim_fields(family, config.hidden_size, config.num_heads, key_dim, d_v)
+    assert all(getattr(changed, name) == value for name, value in fields.items())
 
 
 def test_small_size_is_about_30M_without_embeddings():

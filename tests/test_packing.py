@@ -8,8 +8,9 @@ import pytest
 
 from keyred.config import ConfigError
 from keyred.data.corpus import SPLITS, build_corpus, corpus_settings, read_documents
-from keyred.data.packing import PackedTokens, check_vocabulary, main, pack_corpus, read_packed_info, token_dtype
+from keyred.data.packing import PackedTokens, check_vocabulary, pack_corpus, read_packed_info, token_dtype
 from keyred.data.tokenizer import build_tokenizer, load_tokenizer, tokenizer_settings
+from keyred.stages.packing import main
 
 WORDS = ("the state of a linear attention layer is a matrix that each token updates with a rank one "
          "delta rule while the gate decays what was stored before").split()

@@ -13,12 +13,34 @@ def test_train_stage_sources_follow_imports_transitively():
     sources = names("keyred.training.lm")
     # direct imports, lazy imports inside functions, and what those import in turn
     assert {"training/lm.py", "config.py", "data/packing.py", "fla/models.py", "io.py", "fla/backend.py", "__init__.py"} <= sources
+    # the CPU kernels, which the seam imports by the module names in keyred.fla.sites
     assert "kernels/delta_rule.py" in sources and "kernels/__init__.py" in sources
     assert "figures.py" not in sources
 
 
+def test_data_stage_sources_are_the_stage_and_its_library():
+    assert names("keyred.stages.packing") == {
+        "__init__.py", "stages/__init__.py", "stages/packing.py", "config.py", "console.py", "io.py",
+        "data/__init__.py", "data/packing.py", "data/tokenizer.py", "data/corpus.py"}
+
+
 def test_figures_stage_does_not_depend_on_models():
-    assert names("keyred.figures") == {"__init__.py", "figures.py", "io.py"}
+    sources = names("keyred.figures")
+    assert {"__init__.py", "figures.py", "io.py"} <= sources
+    assert not {"fla/models.py", "training/lm.py", "data/packing.py"} & sources, sources
+
+
+def test_modules_named_in_strings_are_sources(tmp_path, monkeypatch):
+    copy = tmp_path / "keyred"
+    shutil.copytree(REPO / "keyred", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "named.py").write_text('"""Imports its ops at run time."""\nOPS = "keyred.kernels.layers"\n'
+                                   'TEXT = "keyred.kernels.layers is named in a sentence, which is no module name"\n')
+    monkeypatch.setattr(provenance, "PACKAGE_ROOT", copy)
+    provenance.stage_sources.cache_clear()
+    try:
+        assert names("keyred.named") == {"__init__.py", "named.py", "kernels/__init__.py", "kernels/layers.py"}
+    finally:
+        provenance.stage_sources.cache_clear()
 
 
 def test_digest_changes_only_with_the_stage_sources(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""keyred.reduction.prune: settings, per-method channel choice, surgery, reloadable checkpoints, CLI.
+"""keyred.reduction (methods, selection, surgery, prune) and keyred.stages.prune: settings,
+per-method channel choice, surgery, reloadable checkpoints, CLI.
 
 Tiny models of the three families, calibrated on the packed Wikipedia sample. Paths that must
 agree: ratio 0 == original (bit for bit), a model whose Q/K channels are permuted within heads
@@ -17,11 +18,14 @@ import numpy as np
 import pytest
 import torch
 
-from keyred.config import ConfigError
-from keyred.fla.families import FAMILIES
-from keyred.reduction.prune import (METHODS, PruneSettings, apply_selection, check_prunable, checkpoint_key_dim, exact_ratio,
-                          main, new_key_dim, pca_conv_error, prune_checkpoint, prune_model, prune_settings,
-                          select_channels)
+from keyred.config import ConfigError, load_schema, section_settings, validate_config
+from keyred.fla.families import FAMILIES, exact_ratio
+from keyred.reduction.methods import (METHODS, PruneSettings, check_prunable, checkpoint_key_dim, new_key_dim,
+                                      prune_settings)
+from keyred.reduction.prune import prune_checkpoint, prune_model
+from keyred.reduction.selection import select_channels
+from keyred.reduction.surgery import apply_selection, pca_conv_error
+from keyred.stages.prune import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -30,7 +34,7 @@ QUIET = lambda message: None  # noqa: E731
 
 
 def settings(method, ratio, **changes):
-    return PruneSettings(method=method, ratio=ratio, **{**SMALL, **changes})
+    return prune_settings({"method": method, "ratio": ratio, **SMALL, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -75,13 +79,14 @@ def expected_rows(layer, kept, key_steps):
 
 @pytest.mark.parametrize("values, message", [
     ({"method": "magnitude", "ratio": 0.5}, "allowed methods: drrqr, rrqr, l1, wanda, taylor, random, pca"),
-    ({"method": "l1", "ratio": 1.0}, "ratio must be in [0, 1)"),
-    ({"method": "l1", "ratio": -0.1}, "ratio must be in [0, 1)"),
-    ({"method": "l1", "ratio": True}, "ratio must be in [0, 1)"),
-    ({"method": "l1", "ratio": 0.5, "round_to": 8}, "allowed values: 1, 16"),
-    ({"method": "l1", "ratio": 0.5, "calibration_length": 1}, "prune.calibration_length"),
-    ({"method": "l1", "ratio": 0.5, "rrqr_f": 1.0}, "prune.rrqr_f"),
-    ({"method": "l1", "ratio": 0.5, "max_swaps": -1}, "prune.max_swaps"),
+    ({"method": "l1", "ratio": 1.0}, "'prune.ratio': 1.0 is greater than or equal to the maximum of 1"),
+    ({"method": "l1", "ratio": -0.1}, "'prune.ratio': -0.1 is less than the minimum of 0"),
+    ({"method": "l1", "ratio": True}, "'prune.ratio': True is not of type 'number'"),
+    ({"method": "l1", "ratio": 0.5, "round_to": 8}, "'reduction.prune.round_to': 8 is not allowed; allowed values: 1, 16"),
+    ({"method": "l1", "ratio": 0.5, "calibration_length": 1}, "'reduction.prune.calibration_length': 1 is less than"),
+    ({"method": "l1", "ratio": 0.5, "rrqr_f": 1.0}, "'reduction.prune.rrqr_f': 1.0 is less than or equal to the minimum"),
+    ({"method": "l1", "ratio": 0.5, "max_swaps": -1}, "'reduction.prune.max_swaps': -1 is less than the minimum of 0"),
+    ({"method": "l1", "ratio": 0.5, "batch_size": 2.0}, "'reduction.prune.batch_size': 2.0 is not of type 'integer'"),
     ({"method": "l1", "ratio": 0.5, "lr": 1}, "unknown key(s) 'lr'"),
     ({"ratio": 0.5}, "missing key(s) method"),
 ])
@@ -89,6 +94,31 @@ def test_bad_settings_name_the_problem(values, message):
     with pytest.raises(ConfigError) as error:
         prune_settings(values)
     assert message in str(error.value)
+
+
+def test_settings_take_the_schema_defaults():
+    defaults = load_schema()["properties"]["reduction"]["properties"]["prune"]["properties"]
+    built = prune_settings({"method": "l1", "ratio": 0.5})
+    assert dataclasses.asdict(built) == {"method": "l1", "ratio": 0.5,
+                                         **{key: entry["default"] for key, entry in defaults.items()}}
+    assert built == section_settings(PruneSettings, "reduction.prune", {}, method="l1", ratio=0.5)
+    assert all(field.default is dataclasses.MISSING for field in dataclasses.fields(PruneSettings))
+
+
+def test_methods_are_the_schema_enumeration():
+    reduction = load_schema()["properties"]["reduction"]["properties"]
+    assert tuple(reduction["methods"]["items"]["enum"]) == METHODS
+    assert tuple(reduction["methods"]["default"]) == METHODS
+
+
+def test_rrqr_f_must_exceed_one_before_any_job():
+    """Strong RRQR's bound f must be > 1 (at f = 1 the swap loop need not end): the config check
+    that the Snakefile runs and the settings of a job both refuse it, naming the key."""
+    with pytest.raises(ConfigError, match=r"'reduction\.prune\.rrqr_f': 1 is less than or equal to the minimum of 1"):
+        validate_config({"reduction": {"prune": {"rrqr_f": 1}}})
+    with pytest.raises(ConfigError, match=r"'reduction\.prune\.rrqr_f': 1 is less than or equal to the minimum of 1"):
+        section_settings(PruneSettings, "reduction.prune", {"rrqr_f": 1}, method="drrqr", ratio=0.5)
+    assert validate_config({"reduction": {"prune": {"rrqr_f": 1.01}}})["reduction"]["prune"]["rrqr_f"] == 1.01
 
 
 def test_new_key_dim():

@@ -1,16 +1,20 @@
-"""The key-reduction job of one (model, method): pruned and LoRA checkpoints per ratio, one
-evaluation table, refusals before any work."""
+"""The key-reduction job of one (model, method) (keyred.reduction.sweep, keyred.stages.reduce):
+pruned and LoRA checkpoints per ratio in the layout keyred.checkpoints reads back, one evaluation
+table, refusals before any work (in the job and in the workflow's dry run)."""
 import json
 
 import pandas as pd
 import pytest
 import torch
 
-from keyred.config import validate_config
-from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+from keyred.checkpoints import (LORA, PRUNED, REDUCED_STAGES, CheckpointError, load_checkpoint, new_info,
+                                ratio_folder, reduced_checkpoint, reduced_checkpoints, reduction_table_path,
+                                save_checkpoint)
+from keyred.config import ConfigError, validate_config
 from keyred.fla.families import key_head_dim
 from keyred.fla.models import build_model
-from keyred.reduction.sweep import main
+from keyred.reduction.sweep import read_sections
+from keyred.stages.reduce import main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -44,22 +48,92 @@ def test_one_job_prunes_recovers_and_evaluates_every_ratio(packed_wikipedia, par
     out = tmp_path / "gdn" / "drrqr"
     assert main(arguments(packed_wikipedia, parent, out, ratios=("0.25", "0.5"))) == 0
 
-    results = pd.read_csv(out / "evaluation.csv")
+    results = pd.read_csv(reduction_table_path(out, "evaluation"))
     assert list(results.columns[:4]) == ["model", "method", "ratio", "stage"]
-    assert set(zip(results["ratio"], results["stage"])) == {(0.25, "pruned"), (0.25, "lora"), (0.5, "pruned"),
-                                                            (0.5, "lora")}
+    assert set(zip(results["ratio"], results["stage"])) == {(0.25, PRUNED), (0.25, LORA), (0.5, PRUNED),
+                                                            (0.5, LORA)}
     assert results["value"].notna().all() and set(results["metric"]) >= {"bits_per_byte"}
-    curves = pd.read_csv(out / "length_extrapolation.csv")
+    curves = pd.read_csv(reduction_table_path(out, "length_extrapolation"))
     assert curves.groupby(["ratio", "stage"])["position"].max().eq(4 * 32).all()
+    assert set(pd.read_csv(reduction_table_path(out, "finetune_loss"))["ratio"]) == {0.25, 0.5}
 
-    pruned, pruned_info = load_checkpoint(out / "ratio0.5" / "pruned")
-    recovered, recovered_info = load_checkpoint(out / "ratio0.5" / "lora")
+    assert (out / "ratio0.5" / "pruned").is_dir() and (out / "ratio0.25" / "lora").is_dir()  # the layout, spelled out
+    pruned, pruned_info = load_checkpoint(reduced_checkpoint(out, 0.5, PRUNED))
+    recovered, recovered_info = load_checkpoint(reduced_checkpoint(out, 0.5, LORA))
     assert key_head_dim(pruned.config) == key_head_dim(recovered.config) == 8
     assert pruned_info.stage == "prune" and pruned_info.parent == str(parent)
     assert pruned_info.extra["method"] == "drrqr" and pruned_info.extra["ratio"] == 0.5
     assert recovered_info.stage == "finetune" and recovered_info.parent == str(out / "ratio0.5" / "pruned")
     assert recovered_info.extra["source"]["kept_indices"] == pruned_info.extra["kept_indices"]
     assert not torch.equal(pruned.model.layers[0].attn.v_proj.weight, recovered.model.layers[0].attn.v_proj.weight)
+
+
+def test_the_layout_the_sweep_writes_is_the_one_read_back(packed_wikipedia, parent, tmp_path):
+    """Ratios as the command line gives them (the workflow writes str(ratio)), including ones whose
+    decimal spelling is not exact in binary (0.1) or that a command line may pad (0.50)."""
+    out = tmp_path / "gdn" / "l1"
+    spec_json = spec(steps=1)
+    assert main(arguments(packed_wikipedia, parent, out, "l1", ("0.1", "0.25", "0.50", "0.75"), spec_json)) == 0
+    ratios = [0.1, 0.25, 0.5, 0.75]
+    assert sorted(path.name for path in out.glob("ratio*")) == [ratio_folder(r) for r in ratios] == \
+        ["ratio0.1", "ratio0.25", "ratio0.5", "ratio0.75"]
+    for stage in REDUCED_STAGES:
+        found = reduced_checkpoints(out, stage)
+        assert found == {r: reduced_checkpoint(out, r, stage) for r in ratios}
+        for ratio, folder in found.items():
+            info = load_checkpoint(folder)[1]
+            assert info.stage == {PRUNED: "prune", LORA: "finetune"}[stage]
+            assert (info.extra if stage == PRUNED else info.extra["source"])["ratio"] == ratio
+    evaluated = pd.read_csv(reduction_table_path(out, "evaluation"))
+    assert set(evaluated["ratio"]) == set(reduced_checkpoints(out, PRUNED))
+
+
+def test_reduced_checkpoints_reads_only_the_layout(tmp_path):
+    for name in ("ratio0.25/pruned", "ratio0.1/pruned", "ratio0.1/lora", "ratio0.50/pruned", "ratiox/pruned",
+                 "other/pruned"):
+        (tmp_path / name).mkdir(parents=True)
+    assert reduced_checkpoints(tmp_path, PRUNED) == {0.1: tmp_path / "ratio0.1" / "pruned",
+                                                     0.25: tmp_path / "ratio0.25" / "pruned"}
+    assert reduced_checkpoints(tmp_path, LORA) == {0.1: tmp_path / "ratio0.1" / "lora"}
+    with pytest.raises(CheckpointError, match="holds no ratio"):
+        reduced_checkpoints(tmp_path / "other", PRUNED)
+    with pytest.raises(CheckpointError, match="unknown reduction stage 'finetune'; allowed: pruned, lora"):
+        reduced_checkpoint(tmp_path, 0.5, "finetune")
+    assert ratio_folder(0) == "ratio0" and ratio_folder(0.3) == "ratio0.3" and ratio_folder(1e-05) == "ratio1e-05"
+
+
+def test_ratios_that_share_a_folder_are_refused():
+    sections = json.loads(spec())
+    with pytest.raises(ConfigError, match=r"ratios 0.1234567 and 0.1234568 would share the folder ratio0.123457"):
+        read_sections(sections, "l1", [0.1234567, 0.1234568])
+    with pytest.raises(ConfigError, match=r"ratios 0.5 and 0.5 would share the folder ratio0.5"):
+        read_sections(sections, "l1", [0.5, 0.5])
+
+
+def test_spec_sections_are_built_from_the_schema():
+    defaults = validate_config({})
+    prunes, finetuning, evaluation = read_sections(
+        {"prune": {}, "finetune": {}, "evaluate": {}}, "drrqr", [0.25, 0.5])
+    assert [(p.method, p.ratio) for p in prunes] == [("drrqr", 0.25), ("drrqr", 0.5)]
+    assert prunes[0].rrqr_f == defaults["reduction"]["prune"]["rrqr_f"]
+    assert evaluation.tasks == tuple(defaults["evaluate"]["tasks"])
+    with pytest.raises(ConfigError, match=r"'reduction\.prune': unknown key\(s\) 'method'"):
+        read_sections({"prune": {"method": "l1"}, "finetune": {}, "evaluate": {}}, "drrqr", [0.5])
+    with pytest.raises(ConfigError, match=r"'reduction\.prune\.rrqr_f': 1 is less than or equal to the minimum of 1"):
+        read_sections({"prune": {"rrqr_f": 1}, "finetune": {}, "evaluate": {}}, "drrqr", [0.5])
+
+
+def test_the_dry_run_refuses_rrqr_f_of_one(tmp_path):
+    """The workflow checks the config before any job runs: a reduce job would fail inside at f = 1."""
+    from test_workflow import copy_workflow, snakemake, write_yaml
+
+    workdir = copy_workflow(tmp_path / "workflow")
+    name = write_yaml(workdir / "bad_rrqr.yaml", {"reduction": {"prune": {"rrqr_f": 1}}})
+    result = snakemake(workdir, "-n", "--cores", "1", "--configfile", "config.yaml", name, check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "config key 'reduction.prune.rrqr_f': 1 is less than or equal to the minimum" \
+        in output, output[-3000:]
+    assert "Job stats:" not in output           # refused before planning any job
 
 
 @pytest.mark.parametrize("method, ratios, spec_json, message", [

@@ -1,4 +1,6 @@
-"""State tracking on group word problems: settings, accuracy curves, a tiny run that learns, the CLI."""
+"""State tracking on group word problems: settings, accuracy curves, a tiny run that learns, exact
+resume after an interruption, the CLI."""
+import dataclasses
 import json
 
 import numpy as np
@@ -7,18 +9,39 @@ import pytest
 
 from keyred.config import ConfigError
 from keyred.data.groups import NAME_GRAMMAR, build_group
-from keyred.tracking.run import (StateTrackingModel, StateTrackingTraining, _TrainingBatches, longest_solved,
-                                   main, score_predictions, settings_from_spec)
 from keyred.data.word_problems import prefix_products
+from keyred.stages.track import main
+from keyred.tracking.run import run_state_tracking
+from keyred.tracking.scoring import longest_solved, score_predictions
+from keyred.tracking.spec import settings_from_spec
+from keyred.tracking.training import TrainingBatches
+
+
+def run_settings(group="S3", model=None, **train):
+    """(model, training) settings of a spec with these values (the rest: the schema's defaults)."""
+    return settings_from_spec({"model": model or {}, "train": {"group": group, **train}})
 
 # ------------------------------------------------------------------------------------ settings
 
 
 def test_spec_with_defaults_needs_only_the_group():
     model, training = settings_from_spec({"train": {"group": "S3"}})
-    assert model == StateTrackingModel() and model.label == "DP_2[-1,1]"
-    assert StateTrackingModel(num_householder=1, allow_neg_eigval=False, num_layers=2).label == "DP_1[0,1] L2"
+    assert model.label == "DP_2[-1,1]" and (model.num_layers, model.hidden_size, model.head_dim) == (1, 32, 8)
+    assert dataclasses.replace(model, num_householder=1, allow_neg_eigval=False, num_layers=2).label == "DP_1[0,1] L2"
     assert training.group == "S3" and training.train_length == 32 and training.test_length == 64
+    assert training.seed == 0 and training.steps == 500
+
+
+def test_the_spec_of_the_workflow_is_read_unchanged():
+    """The workflow's spec of a sweep run (keyred.specs) holds every key; the settings hold its values."""
+    from keyred.config import validate_config
+    from keyred.specs import tracking_run_spec
+
+    tracking = validate_config({})["state_tracking"]
+    spec = tracking_run_spec(tracking, "A4_x_Z5", 3, False, 2, 7)
+    model, training = settings_from_spec(json.loads(json.dumps(spec)))
+    assert dataclasses.asdict(model) == {**spec["model"], "intermediate_size": None}
+    assert dataclasses.asdict(training) == spec["train"]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -27,11 +50,16 @@ def test_spec_with_defaults_needs_only_the_group():
     ({"train": {"group": "S3", "epochs": 3}}, r"config key 'train': unknown key\(s\) 'epochs'; allowed keys: "),
     ({"train": {"group": "S3"}, "data": {}}, r"sections model, train .* found \['data', 'train'\]"),
     ({"model": {}}, r"sections model, train"),
-    ({"train": {}}, r"config key 'train': missing key\(s\) group"),
-    ({"train": {"group": "S3", "steps": True}}, r"'train.steps': True is not int"),
-    ({"model": {"allow_neg_eigval": "yes"}, "train": {"group": "S3"}}, r"'model.allow_neg_eigval': 'yes' is not bool"),
+    ({"train": {}}, r"config key 'train': 'group' is a required property"),
+    ({"train": {"group": "S3", "steps": True}}, r"'train.steps': True is not of type 'integer'"),
+    ({"train": {"group": "S3", "lr": 0}}, r"'train.lr': 0 is less than or equal to the minimum of 0"),
+    ({"model": {"allow_neg_eigval": "yes"}, "train": {"group": "S3"}},
+     r"'model.allow_neg_eigval': 'yes' is not of type 'boolean'"),
     ({"model": {"num_householder": 0}, "train": {"group": "S3"}},
-     r"config key 'model.num_householder': must be >= 1, got 0"),
+     r"config key 'model.num_householder': 0 is less than the minimum of 1"),
+    ({"model": {"intermediate_size": 0}, "train": {"group": "S3"}}, r"'model.intermediate_size': 0 is less than"),
+    ({"model": {"expand_v": 0.3}, "train": {"group": "S3"}},
+     r"'model.expand_v': must make head_dim \* expand_v a whole"),
     ({"train": {"group": "S3", "warmup_steps": 10, "steps": 10}},
      r"config key 'train.warmup_steps': must be below train.steps \(10\), got 10"),
 ])
@@ -40,9 +68,12 @@ def test_bad_specs_name_the_key(spec, message):
         settings_from_spec(spec)
 
 
-def test_unknown_group_shows_the_name_grammar():
+def test_unknown_or_too_large_groups_show_the_name_grammar():
     with pytest.raises(ConfigError) as error:
         settings_from_spec({"train": {"group": "D4"}})
+    assert "config key 'train.group'" in str(error.value) and "like A4_x_Z5" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        settings_from_spec({"train": {"group": "S9"}})
     assert "config key 'train.group'" in str(error.value) and NAME_GRAMMAR in str(error.value)
 
 
@@ -52,8 +83,8 @@ def test_float_settings_take_integers():
 
 
 def test_fixed_training_set_is_passed_over_once_per_epoch():
-    settings = StateTrackingTraining(group="Z3", train_length=4, train_samples=10, batch_size=4, steps=5)
-    batches = _TrainingBatches(build_group("Z3"), settings, log=lambda message: None)
+    _, settings = run_settings("Z3", train_length=4, train_samples=10, batch_size=4, steps=5)
+    batches = TrainingBatches(build_group("Z3"), settings, log=lambda message: None)
     inputs = np.concatenate([batches.next()[0] for _ in range(5)])             # 20 rows = two passes
     first_pass, second_pass = (set(map(bytes, half)) for half in (inputs[:10], inputs[10:]))
     assert len(first_pass) == 10 and first_pass == second_pass
@@ -110,10 +141,10 @@ def test_longest_solved(curve, threshold, expected):
 def test_predictions_at_position_t_see_only_the_first_t_elements():
     import torch
 
-    from keyred.tracking.run import build_state_tracking_model, element_logits, predict, with_bos
+    from keyred.tracking.model import build_state_tracking_model, element_logits, predict, with_bos
 
     group = build_group("S3")
-    model = build_state_tracking_model(StateTrackingModel(), group.order, seed=1).eval()
+    model = build_state_tracking_model(run_settings()[0], group.order, seed=1).eval()
     inputs = np.random.default_rng(0).integers(0, 6, size=(8, 70)).astype(np.int16)
     tokens = with_bos(inputs, bos=group.order)
     assert tokens.shape == (8, 71) and (tokens[:, 0] == 6).all()
@@ -129,12 +160,10 @@ def test_predictions_at_position_t_see_only_the_first_t_elements():
 @pytest.mark.parametrize("allow_neg_eigval", [True, False])
 def test_parity_needs_negative_eigenvalues(allow_neg_eigval):
     """DP_1[-1,1] (DeltaNet-like) learns Z2 and solves twice the training length; DP_1[0,1] cannot."""
-    from keyred.tracking.run import run_state_tracking
-
-    model = StateTrackingModel(num_householder=1, allow_neg_eigval=allow_neg_eigval)
-    training = StateTrackingTraining(group="Z2", train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2,
-                                     eval_every=25, val_samples=200, test_samples=500, early_stop_accuracy=1.1,
-                                     seed=0)   # 10 of 10 seeds reach 1.0 with these settings
+    model, training = run_settings("Z2", {"num_householder": 1, "allow_neg_eigval": allow_neg_eigval},
+                                   train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2, eval_every=25,
+                                   val_samples=200, test_samples=500, early_stop_accuracy=1.1,
+                                   seed=0)   # 10 of 10 seeds reach 1.0 with these settings
     lines = []
     result, curve, summary, history = run_state_tracking(model, training, log=lines.append)
     assert history["step"].tolist() == [25, 50, 75, 100] and result.steps_run == 100
@@ -147,28 +176,88 @@ def test_parity_needs_negative_eigenvalues(allow_neg_eigval):
 
 
 def test_time_limit_stops_at_the_next_evaluation_and_keeps_the_best_model():
-    from keyred.tracking.run import run_state_tracking
-
-    training = StateTrackingTraining(group="Z2", train_length=8, test_length=8, batch_size=8, steps=50, eval_every=5,
-                                     val_samples=16, test_samples=16, time_limit_minutes=1e-9)
+    model, training = run_settings("Z2", {"num_householder": 1}, train_length=8, test_length=8, batch_size=8,
+                                   steps=50, eval_every=5, val_samples=16, test_samples=16, time_limit_minutes=1e-9)
     lines = []
-    result, _, summary, history = run_state_tracking(StateTrackingModel(num_householder=1), training,
-                                                     log=lines.append)
+    result, _, summary, history = run_state_tracking(model, training, log=lines.append)
     assert result.steps_run == 5 and history["step"].tolist() == [5]
     assert any("time limit of 1e-09 minutes reached at step 5" in line for line in lines)
     reached = history["val_seq_acc"].iloc[0] >= training.early_stop_accuracy
     assert np.isnan(summary.loc[0, "seconds_to_early_stop"]) != reached
 
 
+class Interrupted(Exception):
+    """Stands for a kill in the middle of a run."""
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Make the training loop fail in optimizer step `step` (1-based), before the weights change."""
+    import keyred.tracking.training
+
+    real_step, calls = keyred.tracking.training.clip_and_step, []
+
+    def clip_and_step(model, optimizer, grad_clip):
+        calls.append(1)
+        if len(calls) == step:
+            raise Interrupted(f"killed in step {step}")
+        real_step(model, optimizer, grad_clip)
+
+    monkeypatch.setattr(keyred.tracking.training, "clip_and_step", clip_and_step)
+
+
+@pytest.mark.parametrize("train_samples", [0, 24])   # fresh draws every step, and passes over a fixed set
+def test_an_interrupted_run_resumes_to_exactly_the_uninterrupted_result(tmp_path, monkeypatch, train_samples):
+    import torch
+
+    model, training = run_settings("S3", {"num_householder": 2}, train_length=6, test_length=10, batch_size=16,
+                                   steps=20, eval_every=5, val_samples=40, test_samples=50, lr=1e-2,
+                                   train_samples=train_samples, early_stop_accuracy=1.1, seed=4)
+    quiet = lambda message: None                                        # noqa: E731
+    whole, whole_curve, whole_summary, whole_history = run_state_tracking(model, training, log=quiet)
+
+    resume = tmp_path / "resume"
+    interrupt_at_step(monkeypatch, 13)
+    with pytest.raises(Interrupted):
+        run_state_tracking(model, training, log=quiet, resume_dir=resume)
+    assert torch.load(resume / "state.pt", weights_only=False)["step"] == 10     # the last evaluation
+    monkeypatch.undo()
+
+    lines = []
+    resumed, curve, summary, history = run_state_tracking(model, training, log=lines.append, resume_dir=resume)
+    assert any(f"resuming from {resume / 'state.pt'} at step 10" in line for line in lines)
+    assert history["step"].tolist() == [5, 10, 15, 20] and resumed.steps_run == 20
+    timing = ["tokens_per_s", "elapsed_s"]
+    pd.testing.assert_frame_equal(history.drop(columns=timing), whole_history.drop(columns=timing))
+    pd.testing.assert_frame_equal(curve, whole_curve)
+    timing = ["train_seconds", "seconds_to_early_stop"]
+    pd.testing.assert_frame_equal(summary.drop(columns=timing), whole_summary.drop(columns=timing))
+    assert resumed.final_train_loss == whole.final_train_loss and resumed.best_step == whole.best_step
+    for (name, weight), (_, expected) in zip(resumed.model.state_dict().items(), whole.model.state_dict().items()):
+        assert torch.equal(weight, expected), name
+
+
+def test_resume_state_of_other_settings_or_unreadable_is_refused(tmp_path):
+    from keyred.tracking.training import train_state_tracking
+
+    model, training = run_settings("Z2", {"num_householder": 1}, train_length=4, test_length=4, batch_size=4,
+                                   steps=4, eval_every=2, val_samples=8, test_samples=8, early_stop_accuracy=1.1)
+    resume = tmp_path / "resume"
+    quiet = lambda message: None                                        # noqa: E731
+    train_state_tracking(model, training, log=quiet, resume_dir=resume)     # leaves the state of step 2 behind
+    with pytest.raises(ConfigError, match=r"state.pt was written by a run with other settings.*delete .*resume to"):
+        train_state_tracking(model, dataclasses.replace(training, lr=1e-2), log=quiet, resume_dir=resume)
+    (resume / "state.pt").write_bytes(b"not a state")
+    with pytest.raises(ConfigError, match=r"state.pt is not a readable resume state .*; delete .*resume to start"):
+        train_state_tracking(model, training, log=quiet, resume_dir=resume)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (fla's Triton kernels)")
 def test_state_tracking_learns_on_the_gpu_with_fla_kernels():
     """The same parity run as on CPU, through fla's Triton chunk kernels in bf16 autocast."""
-    from keyred.tracking.run import run_state_tracking
-
-    training = StateTrackingTraining(group="Z2", train_length=16, test_length=32, batch_size=64, steps=100, lr=1e-2,
-                                     eval_every=25, val_samples=200, test_samples=500, seed=0)
-    result, curve, summary, _ = run_state_tracking(StateTrackingModel(num_householder=1), training, device="cuda")
+    model, training = run_settings("Z2", {"num_householder": 1}, train_length=16, test_length=32, batch_size=64,
+                                   steps=100, lr=1e-2, eval_every=25, val_samples=200, test_samples=500, seed=0)
+    result, curve, summary, _ = run_state_tracking(model, training, device="cuda")
     assert next(result.model.parameters()).is_cuda
     assert summary.loc[0, "seq_acc"] >= 0.99 and summary.loc[0, "longest_solved"] == 32
 
@@ -179,8 +268,11 @@ def test_cli_writes_checkpoint_and_tables(tmp_path, capsys):
     spec = {"model": {"num_householder": 2, "allow_neg_eigval": False},
             "train": {"group": "Z3", "train_length": 12, "test_length": 8, "batch_size": 8, "steps": 4,
                       "eval_every": 2, "val_samples": 16, "test_samples": 20, "seed": 3}}
-    assert main(["--spec", json.dumps(spec), "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    resume = tmp_path / "run" / "resume"
+    assert main(["--spec", json.dumps(spec), "--out", str(tmp_path / "run"), "--device", "cpu",
+                 "--resume-dir", str(resume)]) == 0
     assert "test length 8 is shorter than the training length 12" in capsys.readouterr().out
+    assert not resume.exists()                                  # saved at step 2, deleted once the run is complete
 
     curve = pd.read_csv(tmp_path / "run" / "curve.csv")
     summary = pd.read_csv(tmp_path / "run" / "summary.csv")

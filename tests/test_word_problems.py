@@ -8,8 +8,9 @@ import pytest
 
 from keyred.data import word_problems
 from keyred.data.groups import build_group, lexicographic_permutations
-from keyred.data.word_problems import (all_sequences, main, make_word_problems, prefix_products, read_word_problems,
-                                  sample_sequences, write_word_problems)
+from keyred.data.word_problems import (all_sequences, make_word_problems, prefix_products, read_word_problems,
+                                       sample_sequences, write_word_problems)
+from keyred.stages.word_problems import main
 
 
 def slow_prefix_products(compose, sequence):

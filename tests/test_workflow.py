@@ -1,8 +1,12 @@
-"""The Snakemake DAG: dry runs, config errors before any job, the whole default run, reruns, the
-HTML report in headless Chromium."""
+"""The Snakemake DAG: dry runs (the plans of every shipped config equal those recorded before the
+package redesign), `keyred <stage> --config` giving the workflow's commands, config errors before
+any job, the whole default run, reruns, the HTML report in headless Chromium."""
+import argparse
 import base64
+import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,6 +17,7 @@ import pytest
 import yaml
 
 from conftest import REPO
+from dry_run_plan import dry_run_plan
 
 WORKFLOW_FILES = ("Snakefile", "config.yaml", "workflow", "keyred", "profiles")
 
@@ -128,12 +133,13 @@ def test_the_paper_config_benchmarks_the_1_3b_shape_from_cuda_graphs(workdir):
     shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
     result = snakemake(workdir, "-n", "-p", "--cores", "2", "bench_mixer", "bench_decode",
                        "--configfile", "configs/lm_paper_340M.yaml", "--replace-workflow-config")
-    commands = [line for line in result.stdout.splitlines() if "-m keyred.bench.run" in line]
-    assert len(commands) == 2
-    for command in commands:
-        assert "--cuda-graph" in command and "--hidden 2048" in command and "--key-dims 128 64 32" in command
-    mixer = next(command for command in commands if "keyred.bench.run mixer" in command)
-    assert "--passes forward --cuda-graph" in mixer
+    commands = {words[words.index("keyred.stages.bench") + 1]: words for line in result.stdout.splitlines()
+                if "-m keyred.stages.bench " in line for words in [shlex.split(line.strip())]}
+    assert set(commands) == {"mixer", "decode"}
+    for words in commands.values():
+        spec = json.loads(words[words.index("--spec") + 1])
+        assert spec["cuda_graph"] is True and spec["hidden"] == 2048 and spec["key_dims"] == [128, 64, 32]
+    assert json.loads(commands["mixer"][commands["mixer"].index("--spec") + 1])["passes"] == ["forward"]
 
 
 def test_reduction_target_plans_one_job_per_model_and_method(workdir):
@@ -179,6 +185,115 @@ def test_out_of_range_value_fails_before_any_job(workdir):
     result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml", name, check=False)
     assert result.returncode != 0
     assert "models.m.size': 'huge' is not allowed; allowed values: tiny, small, 340M, 1.3B" in result.stdout + result.stderr
+
+
+def test_every_rule_digests_the_code_it_runs():
+    """A rule that runs `python -m keyred.stages.<stage>` re-runs when that module (or what it
+    imports) changes: its `code` param is the digest of the same module."""
+    checked = 0
+    for file in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=rule \w+:)", file.read_text(), flags=re.MULTILINE)[1:]:
+            runs = re.findall(r"-m (keyred[\w.]*)", block)
+            digests = re.findall(r'code_digest\("([\w.]+)"\)', block)
+            assert digests, f"{file.name}: {block.splitlines()[0]} has no code param"
+            if runs:
+                assert runs == digests and runs[0].startswith("keyred.stages."), (file.name, block.splitlines()[0])
+                checked += 1
+    assert checked >= 10
+
+
+# ------------------------------------------------------------- the plans before and after the redesign
+
+CONFIGS = {"default": (), **{path.stem: ("--configfile", f"configs/{path.name}", "--replace-workflow-config")
+                             for path in sorted((REPO / "configs").glob("*.yaml"))}}
+# The stage modules the recorded plans call, and those that replaced them.
+MODULE_PATHS = {"keyred.corpus": "keyred.stages.corpus", "keyred.tokenizer": "keyred.stages.tokenizer",
+                "keyred.packing": "keyred.stages.packing", "keyred.train": "keyred.stages.train",
+                "keyred.evaluate": "keyred.stages.evaluate", "keyred.reduce": "keyred.stages.reduce",
+                "keyred.analysis": "keyred.stages.analyse", "keyred.state_tracking": "keyred.stages.track"}
+# Their commands changed to --spec on purpose; tests/test_bench.py compares those. Their outputs,
+# logs, wildcards and resources are compared here.
+BENCH_RULES = ("bench_mixer", "bench_decode", "bench_models")
+# Options added on purpose since the recording: a state-tracking run resumes after a kill.
+ADDED_OPTIONS = {"state_tracking_run": (r"--out (\S+) >", r"--out \1 --resume-dir \1/resume >")}
+RECORDED = REPO / "tests" / "data" / "dry_run_before"
+
+
+def with_new_module_paths(job: dict) -> dict:
+    """A job of a recorded plan with its stage module renamed by MODULE_PATHS and the ADDED_OPTIONS
+    (bench commands left out)."""
+    job = dict(job)
+    if job["rule"] in BENCH_RULES:
+        job.pop("command")
+        return job
+    if job["rule"] in ADDED_OPTIONS:
+        job["command"] = re.sub(*ADDED_OPTIONS[job["rule"]], job["command"], count=1)
+    for old, new in MODULE_PATHS.items():
+        if job["command"].startswith(f"PYTHON -m {old} "):
+            job["command"] = job["command"].replace(f"PYTHON -m {old} ", f"PYTHON -m {new} ", 1)
+            break
+    return job
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    """The dry-run plan (every job forced) of the default config and of each config in configs/."""
+    folder = copy_workflow(tmp_path_factory.mktemp("plans"))
+    shutil.copytree(REPO / "configs", folder / "configs")
+    return {name: dry_run_plan(folder, *args) for name, args in CONFIGS.items()}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_dry_run_plan_equals_the_one_recorded_before_the_redesign(plans, name):
+    """Jobs, outputs, logs, wildcards, resources and shell commands, modulo the stage module paths."""
+    recorded = [with_new_module_paths(job) for job in json.loads((RECORDED / f"{name}.json").read_text())]
+    planned = [{key: value for key, value in job.items() if not (key == "command" and job["rule"] in BENCH_RULES)}
+               for job in plans[name]]
+    assert [job["rule"] for job in planned] == [job["rule"] for job in recorded]
+    for before, after in zip(recorded, planned):
+        assert after == before
+
+
+def workflow_config(name: str) -> dict:
+    """The config a dry run of `name` uses, with threads at most the dry run's --cores 2 (as Snakemake does)."""
+    from keyred.config import load_config
+
+    config = load_config(REPO / ("config.yaml" if name == "default" else f"configs/{name}.yaml"))
+    return {**config, "threads": min(config["threads"], 2)}
+
+
+# rule -> the `keyred` stage that runs its job with --config, and the choice its wildcards make
+CONFIG_JOBS = {
+    "corpus": ("corpus", lambda w: {}), "tokenizer": ("tokenizer", lambda w: {}), "packing": ("packing", lambda w: {}),
+    "train_lm": ("train", lambda w: {"model": w["model"]}),
+    "evaluate_lm": ("evaluate", lambda w: {"model": w["model"]}),
+    "reduce": ("reduce", lambda w: {"model": w["model"], "method": w["method"]}),
+    "state_tracking_run": ("track", lambda w: {"run": f"{w['group']}/nh{w['n_h']}_{w['eig']}_L{w['layers']}"
+                                                      f"/seed{w['seed']}"}),
+    "state_rank_model": ("analyse", lambda w: {"model": w["model"], "method": w["method"]}),
+    "bench_mixer": ("bench", lambda w: {"kind": "mixer"}), "bench_decode": ("bench", lambda w: {"kind": "decode"}),
+    "bench_models": ("bench", lambda w: {"kind": "model", "model": w["model"]}),
+}
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_keyred_config_mode_gives_the_workflow_commands(plans, name):
+    """`keyred <stage> --config FILE --model ...` builds exactly the options of the rule's shell
+    command (same specs, same paths), for every job of every shipped config."""
+    from keyred.cli import config_arguments
+
+    config, compared = workflow_config(name), set()
+    for job in plans[name]:
+        if job["rule"] not in CONFIG_JOBS:
+            continue
+        stage, choose = CONFIG_JOBS[job["rule"]]
+        wildcards = dict(pair.split("=") for pair in job.get("wildcards", "").split(", ") if pair)
+        choice = argparse.Namespace(**{"model": None, "method": None, "run": None, "kind": None, **choose(wildcards)})
+        words = shlex.split(job["command"])
+        assert words[:3] == ["PYTHON", "-m", f"keyred.stages.{stage}"] and words[-3] == ">" and words[-1] == "2>&1"
+        assert config_arguments(stage, config, choice) == words[3:-3], job["rule"]
+        compared.add(job["rule"])
+    assert {"corpus", "train_lm", "evaluate_lm", "state_tracking_run", "bench_mixer"} <= compared
 
 
 @pytest.mark.slow

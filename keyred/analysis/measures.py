@@ -40,11 +40,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["DeltaInputs", "RankTrace", "effective_rank", "rank_measures", "replay", "singular_values",
-           "stable_rank"]
+__all__ = ["SVD_DRIVERS", "DeltaInputs", "RankTrace", "effective_rank", "rank_measures", "replay",
+           "singular_values", "stable_rank"]
 
 SVD_BATCH = 2048            # matrices per svdvals call (cuSOLVER's gesvda refuses 8192 of 128 x 128)
 CUDA_SVD_DRIVER = "gesvda"  # cuSOLVER's batched driver (see the module docstring)
+SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")  # the cuSOLVER drivers `replay` accepts on CUDA
 AUGMENT = 1e-3              # gesvda runs on [A; delta I], delta = AUGMENT ||A||_F
 ENERGY_TOLERANCE = 1e-3     # largest relative error of sum sigma^2 vs ||A||_F^2 accepted from gesvda
 PROGRESS_SECONDS = 10.0     # at most one progress line this often

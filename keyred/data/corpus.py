@@ -1,6 +1,8 @@
-"""Stage: collect natural-English documents and split them into train, validation and test.
+"""The language models' corpus: natural-English documents split by document into train, validation and test.
 
-    python -m keyred.data.corpus --spec '{"source": "wikipedia_sample"}' --out results/corpus
+`build_corpus(corpus_settings(values), out)` writes the corpus folder (the stage's command line
+is keyred.stages.corpus, `keyred corpus`). The settings are the config's `corpus` section; the
+schema (keyred/schemas/config.schema.yaml) holds every default and range.
 
 Sources (`CorpusSettings.source`):
 
@@ -26,21 +28,19 @@ The kept documents are split by document, at random from `seed`: round(n * valid
 go to validation, round(n * test_fraction) to test, the rest to train; each split keeps the
 source order. The same settings give identical files.
 
-Outputs in --out: `train.jsonl`, `validation.jsonl`, `test.jsonl` (one {"text": ...} a line)
+The corpus folder holds `train.jsonl`, `validation.jsonl`, `test.jsonl` (one {"text": ...} a line)
 and `corpus.json` (settings, documents read and dropped, per split the documents, characters
 and the sha256 of its file).
 """
 
 from __future__ import annotations
 
-import argparse
 import bz2
 import dataclasses
 import hashlib
 import importlib.resources
 import json
 import re
-import sys
 import time
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable, Iterable, Iterator
@@ -48,8 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.console import bad_input, progress, read_spec
-from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
+from keyred.config import ConfigError, require, section_settings
+from keyred.io import atomic_dir, write_json
 
 SOURCES = ("wikipedia_sample", "hub", "files")
 FILE_SUFFIXES = (".txt", ".jsonl")
@@ -70,55 +70,39 @@ Log = Callable[[str], None] | None
 
 @dataclasses.dataclass(frozen=True)
 class CorpusSettings:
-    """Where the documents come from, how many to read and how to split them (see the module doc)."""
+    """Where the documents come from, how many to read and how to split them (see the module doc;
+    built by corpus_settings from the schema, which states every default and range)."""
 
-    source: str = "wikipedia_sample"
-    hub_dataset: str = "HuggingFaceFW/fineweb-edu"
-    hub_config: str | None = "sample-10BT"
-    hub_split: str = "train"
-    text_field: str = "text"
-    files: tuple[str, ...] = ()
-    token_budget: int | None = None
-    validation_fraction: float = 0.05
-    test_fraction: float = 0.05
-    min_chars: int = 200
-    seed: int = 0
+    source: str                    # one of SOURCES
+    hub_dataset: str
+    hub_config: str | None
+    hub_split: str
+    text_field: str
+    files: tuple[str, ...]
+    token_budget: int | None
+    validation_fraction: float
+    test_fraction: float
+    min_chars: int
+    seed: int
 
     def __post_init__(self):
-        _require(self.source in SOURCES, "source", f"{self.source!r} is not allowed; allowed values: "
-                                                   f"{', '.join(SOURCES)}")
-        for name in ("hub_dataset", "hub_split", "text_field"):
-            _require(isinstance(getattr(self, name), str) and getattr(self, name), name,
-                     f"must be a non-empty string, got {getattr(self, name)!r}")
-        _require(self.hub_config is None or isinstance(self.hub_config, str), "hub_config",
-                 f"must be a string or null, got {self.hub_config!r}")
-        _require(isinstance(self.files, tuple) and all(isinstance(path, str) for path in self.files), "files",
-                 f"must be a list of path strings, got {self.files!r}")
+        """The checks that involve two keys (the schema checks each key alone)."""
         _require(self.source != "files" or self.files, "files", "source files needs at least one path")
-        _require(self.token_budget is None or (is_int(self.token_budget) and self.token_budget >= 1), "token_budget",
-                 f"must be an integer >= 1 or null, got {self.token_budget!r}")
         _require(self.source != "hub" or self.token_budget is not None, "token_budget",
                  f"source hub needs a token budget: without one it would stream the whole of {self.hub_dataset} "
                  f"({self.hub_config}); the default sample-10BT alone holds about 10B tokens")
-        for name in ("validation_fraction", "test_fraction"):
-            value = getattr(self, name)
-            _require(is_number(value) and 0 < value < 1, name,
-                     f"must be a number between 0 and 1 (exclusive), got {value!r}")
         _require(self.validation_fraction + self.test_fraction < 1, "validation_fraction",
                  f"validation_fraction + test_fraction must be below 1 to leave documents for train, got "
                  f"{self.validation_fraction} + {self.test_fraction}")
-        _require(is_int(self.min_chars) and self.min_chars >= 1, "min_chars",
-                 f"must be an integer >= 1, got {self.min_chars!r}")
-        _require(is_int(self.seed) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
 
 
 def _require(condition: bool, key: str, problem: str) -> None:
     require(condition, f"corpus.{key}", problem)
 
 
-def corpus_settings(values: dict) -> CorpusSettings:
-    """CorpusSettings from a mapping (the `corpus` config section or --spec; `files` may be a list)."""
-    return settings_from_dict(CorpusSettings, values, "corpus")
+def corpus_settings(values: dict | None) -> CorpusSettings:
+    """CorpusSettings from the `corpus` config section or a --spec (validated, defaults filled in)."""
+    return section_settings(CorpusSettings, "corpus", values)
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -273,7 +257,7 @@ def read_documents(path: str | Path) -> list[str]:
     """The documents of a split file written by this stage (one {"text": ...} a line)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.data.corpus")
+        raise ConfigError(f"{path} does not exist: make the corpus with keyred corpus")
     return list(_read_jsonl(path, "text"))
 
 
@@ -339,8 +323,6 @@ def write_split(path: Path, documents: list[str]) -> str:
 
 def build_corpus(settings: CorpusSettings, out: str | Path, log: Log = None) -> dict:
     """Collect, split and write the corpus folder atomically; return the contents of corpus.json."""
-    from keyred.io import atomic_dir, write_json
-
     documents, counts = collect_documents(settings, log)
     splits = split_documents(documents, settings)
     summary = {"settings": {**dataclasses.asdict(settings), "files": list(settings.files)}, **counts, "splits": {}}
@@ -350,29 +332,3 @@ def build_corpus(settings: CorpusSettings, out: str | Path, log: Log = None) -> 
                                         "sha256": write_split(tmp / f"{split}.jsonl", texts)}
         write_json(tmp / "corpus.json", summary)
     return summary
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.data.corpus", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", default="{}", help="JSON object of CorpusSettings fields (default: all defaults)")
-    parser.add_argument("--out", required=True, help="folder for train/validation/test.jsonl and corpus.json")
-    args = parser.parse_args(argv)
-
-    spec = read_spec(parser, args.spec)
-    start = time.perf_counter()
-    try:
-        settings = corpus_settings(spec)
-        progress(f"[corpus] source {settings.source}, seed {settings.seed}")
-        summary = build_corpus(settings, args.out, progress)
-    except ConfigError as error:
-        return bad_input(error)
-    for split, facts in summary["splits"].items():
-        print(f"[corpus] {split}: {facts['documents']} documents, {facts['characters']} characters")
-    print(f"[corpus] wrote {args.out} in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -30,7 +30,10 @@ PRODUCT_SEPARATOR = "_x_"
 NAME_GRAMMAR = (f"group names are S<n>, A<n>, Z<n> (n >= 1, no leading zeros) or direct products of "
                 f"these joined by {PRODUCT_SEPARATOR}, like A4_x_Z5; the group may have at most "
                 f"{MAX_ORDER} elements (S_n and A_n up to n = 7, Z_n up to n = {MAX_ORDER})")
-_FACTOR_NAME = re.compile(r"([SAZ])([1-9][0-9]*)")
+FACTOR_PATTERN = "([SAZ])([1-9][0-9]*)"
+# A whole name (the config schema's pattern of state_tracking.groups; the order limit is checked here).
+NAME_PATTERN = f"^{FACTOR_PATTERN}({PRODUCT_SEPARATOR}{FACTOR_PATTERN})*$"
+_FACTOR_NAME = re.compile(FACTOR_PATTERN)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

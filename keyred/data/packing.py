@@ -1,15 +1,16 @@
-"""Stage: tokenise the corpus splits into flat token streams for language-model training and evaluation.
+"""Packed token streams: the corpus splits tokenised into flat streams for the language models.
 
-    python -m keyred.data.packing --corpus results/corpus --tokenizer results/tokenizer --out results/packed
+`pack_corpus(corpus, tokenizer, out)` writes the packed folder (the stage's command line is
+keyred.stages.packing, `keyred packing`); `PackedTokens(folder, split)` reads one stream.
 
-Each split of a keyred.data.corpus folder becomes ONE 1-D token stream `{split}.npy`: doc_1 tokens,
-EOS, doc_2 tokens, EOS, ... in corpus order, so every token of every document is kept. The
-tokenizer adds no special tokens, and a literal "<|endoftext|>" inside a document is encoded as
-plain text, so EOS appears only after each document. dtype uint16 when the vocabulary has at most
-65536 tokens, else uint32. `max_train_tokens` cuts the train stream after exactly that many tokens
-(when it has more; the count kept is recorded either way). On the default wikipedia_sample corpus
-and 4096-token BPE the streams hold 727,782 (train), 64,456 (validation) and 23,195 (test) tokens,
-about 3.5 characters a token, packed in about 2 s.
+Each split of a corpus folder (keyred.data.corpus) becomes ONE 1-D token stream `{split}.npy`:
+doc_1 tokens, EOS, doc_2 tokens, EOS, ... in corpus order, so every token of every document is
+kept. The tokenizer adds no special tokens, and a literal "<|endoftext|>" inside a document is
+encoded as plain text, so EOS appears only after each document. dtype uint16 when the vocabulary
+has at most 65536 tokens, else uint32. `max_train_tokens` cuts the train stream after exactly
+that many tokens (when it has more; the count kept is recorded either way). On the default
+wikipedia_sample corpus and 4096-token BPE the streams hold 727,782 (train), 64,456 (validation)
+and 23,195 (test) tokens, about 3.5 characters a token, packed in about 2 s.
 
 `packed.json` records the vocabulary size, EOS id, dtype, the sha256 of the tokenizer's
 tokenizer.json and, per split, tokens, documents (those with at least one token in the stream),
@@ -23,21 +24,19 @@ causal LMs shift the labels inside).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from keyred.console import bad_input, progress
 from keyred.config import ConfigError
 from keyred.data.corpus import SPLITS, read_documents
 from keyred.data.tokenizer import load_tokenizer, separator_id
+from keyred.io import atomic_dir, write_json
 
 INFO_FILE = "packed.json"
 ENCODE_BATCH = 512                      # documents encoded at a time
@@ -113,8 +112,6 @@ def pack_split(tokenizer, documents: list[str], path: Path, dtype: np.dtype, max
 def pack_corpus(corpus: str | Path, tokenizer_folder: str | Path, out: str | Path,
                 max_train_tokens: int | None = None, log: Log = None) -> dict:
     """Tokenise train, validation and test of `corpus` into `out` atomically; return packed.json's contents."""
-    from keyred.io import atomic_dir, write_json
-
     log = log or (lambda message: None)
     if max_train_tokens is not None and (not isinstance(max_train_tokens, int) or max_train_tokens < 1):
         raise ConfigError(f"max_train_tokens must be an integer >= 1 or None, got {max_train_tokens!r}")
@@ -122,7 +119,7 @@ def pack_corpus(corpus: str | Path, tokenizer_folder: str | Path, out: str | Pat
     split_files = {split: corpus / f"{split}.jsonl" for split in SPLITS}
     for path in split_files.values():
         if not path.is_file():
-            raise ConfigError(f"{path} does not exist: make the corpus with python -m keyred.data.corpus")
+            raise ConfigError(f"{path} does not exist: make the corpus with keyred corpus")
     tokenizer = load_tokenizer(tokenizer_folder)
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
@@ -151,7 +148,7 @@ def read_packed_info(folder: str | Path) -> dict:
     """The contents of packed.json in `folder`."""
     path = Path(folder) / INFO_FILE
     if not path.is_file():
-        raise ConfigError(f"{folder} has no {INFO_FILE}: make the packed data with python -m keyred.data.packing")
+        raise ConfigError(f"{folder} has no {INFO_FILE}: make the packed data with keyred packing")
     return json.loads(path.read_text())
 
 
@@ -199,26 +196,3 @@ class PackedTokens:
             raise ConfigError(f"split {self.split} of {self.folder} has {len(self)} tokens, fewer than one "
                               f"sequence of seq_len {seq_len}: use a shorter seq_len or a larger corpus")
         return self.tokens[:count * seq_len].reshape(count, seq_len)
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.data.packing", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus", required=True, help="keyred.data.corpus folder (train/validation/test.jsonl)")
-    parser.add_argument("--tokenizer", required=True, help="keyred.data.tokenizer folder")
-    parser.add_argument("--out", required=True, help="folder for train/validation/test.npy and packed.json")
-    parser.add_argument("--max-train-tokens", type=int, default=None, help="cut the train stream at this many tokens")
-    args = parser.parse_args(argv)
-
-    start = time.perf_counter()
-    try:
-        pack_corpus(args.corpus, args.tokenizer, args.out, args.max_train_tokens, progress)
-    except ConfigError as error:
-        return bad_input(error)
-    print(f"[packing] wrote {args.out} in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,32 +1,33 @@
-"""Stage: make the tokenizer of the language models, a byte-level BPE trained on the corpus or a hub one.
+"""The language models' tokenizer: a byte-level BPE trained on the corpus, or a hub one.
 
-    python -m keyred.data.tokenizer --spec '{"kind": "bpe", "vocab_size": 4096}' --corpus results/corpus \
-        --out results/tokenizer
+`build_tokenizer(tokenizer_settings(values), corpus, out)` writes the tokenizer folder (the
+stage's command line is keyred.stages.tokenizer, `keyred tokenizer`); `load_tokenizer(folder)`
+reads it back. The settings are the config's `tokenizer` section; the schema holds every default
+and range (vocab_size >= 257: the 256 byte tokens and EOS).
 
 `bpe` (offline, the default): a byte-level BPE (the `tokenizers` library) trained on the train
-split of a keyred.data.corpus folder; "<|endoftext|>" (EOS) is its only special token, used as bos,
-eos and document separator; no pad token. Every string round-trips exactly (decode(encode(text))
+split of a corpus folder (keyred.data.corpus); "<|endoftext|>" (EOS) is its only special token,
+used as bos, eos and document separator; no pad token. Every string round-trips exactly (decode(encode(text))
 == text) and encoding adds no special tokens. The same corpus and settings give an identical
 tokenizer.json; on the default wikipedia_sample corpus training takes about a second.
 `hub`: `AutoTokenizer.from_pretrained(hub_name)`, online only.
 
-Outputs in --out: the tokenizer as saved by `save_pretrained` (loads offline with
-`transformers.AutoTokenizer.from_pretrained(out)` or `load_tokenizer(out)`) and
+The tokenizer folder holds the tokenizer as saved by `save_pretrained` (loads offline with
+`transformers.AutoTokenizer.from_pretrained(folder)` or `load_tokenizer(folder)`) and
 `tokenizer_info.json` (settings, vocabulary size, EOS id, sha256 of the training split).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from keyred.console import bad_input, progress, read_spec
-from keyred.config import ConfigError, is_int, require, settings_from_dict
+from keyred.config import ConfigError, section_settings
+from keyred.data.corpus import read_documents
+from keyred.io import atomic_dir, write_json
 
 KINDS = ("bpe", "hub")
 EOS_TOKEN = "<|endoftext|>"
@@ -40,31 +41,18 @@ Log = Callable[[str], None] | None
 
 @dataclasses.dataclass(frozen=True)
 class TokenizerSettings:
-    """`kind` bpe: train on the corpus (vocab_size counts the EOS token); hub: load `hub_name`."""
+    """`kind` bpe: train on the corpus (vocab_size counts the EOS token); hub: load `hub_name`.
+    Built by tokenizer_settings from the schema, which states every default and range."""
 
-    kind: str = "bpe"
-    vocab_size: int = 4096
-    min_frequency: int = 2
-    hub_name: str = "fla-hub/transformer-1.3B-100B"
-
-    def __post_init__(self):
-        _require(self.kind in KINDS, "kind", f"{self.kind!r} is not allowed; allowed values: {', '.join(KINDS)}")
-        smallest = BYTE_ALPHABET + len(SPECIAL_TOKENS)
-        _require(is_int(self.vocab_size) and self.vocab_size >= smallest, "vocab_size",
-                 f"must be an integer >= {smallest} (256 byte tokens + {EOS_TOKEN}), got {self.vocab_size!r}")
-        _require(is_int(self.min_frequency) and self.min_frequency >= 1, "min_frequency",
-                 f"must be an integer >= 1, got {self.min_frequency!r}")
-        _require(isinstance(self.hub_name, str) and self.hub_name, "hub_name",
-                 f"must be a non-empty string, got {self.hub_name!r}")
+    kind: str                      # one of KINDS
+    vocab_size: int
+    min_frequency: int
+    hub_name: str
 
 
-def _require(condition: bool, key: str, problem: str) -> None:
-    require(condition, f"tokenizer.{key}", problem)
-
-
-def tokenizer_settings(values: dict) -> TokenizerSettings:
-    """TokenizerSettings from a mapping (the `tokenizer` config section or --spec), rejecting unknown keys."""
-    return settings_from_dict(TokenizerSettings, values, "tokenizer")
+def tokenizer_settings(values: dict | None) -> TokenizerSettings:
+    """TokenizerSettings from the `tokenizer` config section or a --spec (validated, defaults filled in)."""
+    return section_settings(TokenizerSettings, "tokenizer", values)
 
 
 def train_bpe(documents: list[str], settings: TokenizerSettings):
@@ -101,12 +89,12 @@ def load_tokenizer(path: str | Path):
     missing = [name for name in TOKENIZER_FILES if not (path / name).is_file()]
     if missing:
         raise ConfigError(f"{path} is not a tokenizer folder (missing {', '.join(missing)}); make one with "
-                          f"python -m keyred.data.tokenizer")
+                          f"keyred tokenizer")
     try:
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as error:                     # tokenizers and transformers raise many kinds on bad files
         raise ConfigError(f"{path}: cannot load the tokenizer ({type(error).__name__}: {error}); the folder is "
-                          f"corrupt, make it again with python -m keyred.data.tokenizer") from None
+                          f"corrupt, make it again with keyred tokenizer") from None
 
 
 def separator_id(tokenizer) -> int:
@@ -122,9 +110,6 @@ def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out:
 
     Returns the contents of tokenizer_info.json.
     """
-    from keyred.data.corpus import read_documents
-    from keyred.io import atomic_dir, write_json
-
     log = log or (lambda message: None)
     start = time.perf_counter()
     info = {"settings": dataclasses.asdict(settings)}
@@ -148,23 +133,3 @@ def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out:
         write_json(tmp / INFO_FILE, info)
     log(f"[tokenizer] {len(tokenizer)} tokens, eos id {info['eos_token_id']}, in {time.perf_counter() - start:.1f}s")
     return info
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.data.tokenizer", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--spec", default="{}", help="JSON object of TokenizerSettings fields (default: all defaults)")
-    parser.add_argument("--corpus", default=None, help="keyred.data.corpus folder (kind bpe trains on its train.jsonl)")
-    parser.add_argument("--out", required=True, help="folder for the saved tokenizer")
-    args = parser.parse_args(argv)
-
-    spec = read_spec(parser, args.spec)
-    try:
-        build_tokenizer(tokenizer_settings(spec), args.corpus, args.out, progress)
-    except ConfigError as error:
-        return bad_input(error)
-    print(f"[tokenizer] wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

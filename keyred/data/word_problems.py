@@ -13,13 +13,11 @@ element indices separated by single spaces, `seed` is the generation seed. For e
     seed,input,target
     0,3 1 5,3 2 4
 
-    python -m keyred.data.word_problems --group S5 --length 512 --samples 100000 --seed 0 --out s5.csv
+`keyred word_problems` (keyred.stages.word_problems) writes such a file.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from keyred.console import bad_input, progress
-from keyred.data.groups import INDEX_DTYPE, Group, build_group
+from keyred.data.groups import INDEX_DTYPE, Group
+from keyred.io import atomic_file
 
 COLUMNS = ("seed", "input", "target")
 ENUMERATE_WHEN_AT_MOST = 4    # sample without replacement from all |G|^k codes when |G|^k <= 4 * samples
@@ -125,8 +123,6 @@ def make_word_problems(group: Group, length: int, samples: int, seed: int,
 def write_word_problems(path: str | Path, inputs: np.ndarray, targets: np.ndarray, seed: int,
                         log: Log = None) -> None:
     """Write inputs and targets [N, k] (non-negative indices) as a `seed,input,target` CSV, atomically."""
-    from keyred.io import atomic_file
-
     inputs, targets = np.asarray(inputs), np.asarray(targets)
     if inputs.ndim != 2 or inputs.shape != targets.shape or inputs.shape[1] == 0:
         raise ValueError(f"inputs and targets must both be [N, k] with k >= 1, got {inputs.shape} and {targets.shape}")
@@ -313,33 +309,3 @@ class _RowParser:
         if self.length is None:
             raise ValueError(f"{self.path}: no rows after the header")
         return np.concatenate(self.parts["input"]), np.concatenate(self.parts["target"])
-
-
-# ------------------------------------------------------------------------------------------- CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.data.word_problems", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--group", required=True, help="group name: S<n>, A<n>, Z<n> or products like A4_x_Z5")
-    parser.add_argument("--length", type=int, required=True, help="sequence length k")
-    parser.add_argument("--samples", type=int, required=True, help="number of distinct sequences")
-    parser.add_argument("--seed", type=int, default=0, help="generation seed (also written to the file)")
-    parser.add_argument("--out", required=True, help="CSV file to write")
-    args = parser.parse_args(argv)
-
-    try:
-        group = build_group(args.group)
-        start = time.perf_counter()
-        progress(f"[word_problems] {group.name} (|G| = {group.order}): {args.samples} distinct sequences of "
-                 f"length {args.length}, seed {args.seed}")
-        inputs, targets = make_word_problems(group, args.length, args.samples, args.seed, progress)
-        progress(f"[word_problems] generated {len(inputs)} sequences and their prefix products in "
-                 f"{time.perf_counter() - start:.1f}s")
-        write_word_problems(args.out, inputs, targets, args.seed, progress)
-    except ValueError as error:
-        return bad_input(error)
-    print(f"[word_problems] wrote {args.out} in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

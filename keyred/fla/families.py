@@ -8,6 +8,7 @@ cheap (no torch, no fla): the workflow reads the names here.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Any
@@ -45,7 +46,6 @@ ARCHITECTURES: dict[str, dict[str, dict[str, Any]]] = {
         "1.3B": dict(hidden_size=2048, num_hidden_layers=21, num_heads=6, head_dim=256, expand_v=2, **_PRODUCT),
     },
 }
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,12 +132,16 @@ def head_dim_fields(family: str, hidden_size: int, num_heads: int, key_dim: int,
 
 
 def with_key_dim(config, key_dim: int):
-    """A copy of the fla config (object or namespace) with head key dim `key_dim` and d_v kept."""
-    import copy
+    """A copy of the fla config (object or namespace) with head key dim `key_dim` and d_v kept.
 
+    Only the fields that set d_k change, and those that set d_v where they depend on d_k: DeltaNet's
+    expand_k (its expand_v stays as written), the gated families' head_dim and expand_v.
+    """
     config = copy.deepcopy(config)
     fields = head_dim_fields(config.model_type, config.hidden_size, config.num_heads, key_dim,
                              value_head_dim(config))
+    if config.model_type == "delta_net":
+        del fields["expand_v"]           # d_v = hidden_size * expand_v / num_heads does not involve d_k
     for name, value in fields.items():
         setattr(config, name, value)
     return config

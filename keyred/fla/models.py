@@ -1,29 +1,42 @@
-"""fla models by family and named size: the one place that imports fla's model classes.
+"""fla's classes by family (keyred.fla.families.REGISTRY), model building, and the CPU seam.
 
-Importing this module imports fla (slow: ~8 s) and installs keyred's CPU kernels behind it.
+Importing this module imports fla (slow: ~8 s) and installs keyred's CPU kernels behind it
+(keyred.fla.backend), so every model built or loaded afterwards runs off the GPU too.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import fla.models as fla_models  # noqa: F401  (registers the model types with transformers)
 import torch
 from transformers import AutoModelForCausalLM
 
 from keyred.fla.backend import use_torch_kernels_off_gpu
-from keyred.fla.families import DEFAULT_VOCAB_SIZE, architecture
+from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, architecture
+
+__all__ = ["BLOCK_CLASSES", "CONFIG_CLASSES", "LAYER_CLASSES", "MODEL_CLASSES", "attention_layers",
+           "build_model", "count_parameters", "fla_class", "fla_models", "model_config"]
 
 use_torch_kernels_off_gpu()
 
-CONFIG_CLASSES = {
-    "delta_net": fla_models.DeltaNetConfig,
-    "gated_deltanet": fla_models.GatedDeltaNetConfig,
-    "gated_deltaproduct": fla_models.GatedDeltaProductConfig,
-}
+
+def fla_class(reference: str) -> type:
+    """The class a "module:Class" reference of keyred.fla.families.REGISTRY names."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+CONFIG_CLASSES = {name: fla_class(family.config_class) for name, family in REGISTRY.items()}
+MODEL_CLASSES = {name: fla_class(family.model_class) for name, family in REGISTRY.items()}
+BLOCK_CLASSES = {name: fla_class(family.block) for name, family in REGISTRY.items()}   # block.attn: the mixer
+LAYER_CLASSES = {name: fla_class(f"{family.layer_module}:{family.layer_class}") for name, family in REGISTRY.items()}
 
 
 def model_config(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE):
     """The transformers config object of an fla family at a named size."""
-    return CONFIG_CLASSES[family](**architecture(family, size), vocab_size=vocab_size)
+    keys = architecture(family, size)
+    return CONFIG_CLASSES[family](**keys, vocab_size=vocab_size)
 
 
 def build_model(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0):
@@ -33,7 +46,14 @@ def build_model(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, se
     return AutoModelForCausalLM.from_config(config)
 
 
+def attention_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(module name, layer) of every DeltaNet / GatedDeltaNet / GatedDeltaProduct layer of `model`, in order."""
+    classes = tuple(LAYER_CLASSES.values())
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, classes)]
+
+
 def count_parameters(model, include_embeddings: bool = True) -> int:
+    """Parameters of a causal LM, optionally without its input and output embeddings."""
     total = sum(p.numel() for p in model.parameters())
     if include_embeddings:
         return total

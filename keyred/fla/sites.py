@@ -5,17 +5,26 @@ replaced there changes what the next call runs. Each row of SITES names one such
 keyred does with it; every use of a site derives from this table:
 
 - `cpu`: off the GPU (no CUDA tensor among the arguments) the function "package.module:function"
-  runs instead of fla's Triton kernel (keyred.fla.backend installs these once, for good);
-  `refuse` instead names a feature keyred has no torch code for (NotImplementedError off the GPU).
+  runs instead of fla's Triton kernel (keyred.fla.backend, the CPU seam); `refuse` instead names
+  a feature keyred has no torch code for (NotImplementedError off the GPU, naming `refused_in`).
 - `family`: a delta-rule op that family's layer calls; keyred.bench records which of them ran and
   keyred.analysis.recording captures their inputs.
 - `chunk_launch` / `decode_launch`: where keyred.kernels.cuda puts its launch choices.
 
-How the replacements stack (keyred.fla.patching.patched applies and undoes them in this order):
-the CPU seam is installed first, at import of keyred.fla.models, and never removed; a launch
-choice wraps what is there (the seam's dispatcher); a recorder or spy (bench, analysis) wraps
-the launch choice. A call therefore passes recorder -> launch choice -> seam -> fla's kernel, and
-every context manager restores exactly the object it found.
+How the replacements stack. keyred.fla.patching makes every replacement, and each one wraps
+whatever the site holds at that moment, so they nest in the order they are made, innermost first:
+
+1. the CPU seam (keyred.fla.backend.use_torch_kernels_off_gpu), installed at import of
+   keyred.fla.models and never removed: a dispatcher around fla's own function;
+2. launch choices (keyred.kernels.cuda.chunk_launch / decode_launch), for a `with` block: they
+   wrap the dispatcher (chunk_launch) or stand in for fla's launcher (decode_launch);
+3. recorders and spies (keyred.bench's kernel record, keyred.analysis.recording), for a `with`
+   block, outermost: they wrap the launch choice.
+
+A call therefore passes recorder -> launch choice -> seam dispatcher -> fla's Triton kernel (CUDA
+tensors) or keyred's torch code (anything else). Each block puts back exactly the object it found
+when it ends, so blocks opened in this order unwind in reverse; a block opened in another order
+still restores correctly, it only wraps in that other order.
 
 Importing this module is cheap (no torch, no fla).
 """
@@ -34,7 +43,8 @@ class Site:
     module: str
     attribute: str
     cpu: str | None = None         # "package.module:function" run instead off the GPU
-    refuse: str | None = None      # the feature a NotImplementedError names off the GPU
+    refuse: str | None = None      # the feature a NotImplementedError names off the GPU ...
+    refused_in: str | None = None  # ... and the fla class whose code makes that call
     family: str | None = None      # the family whose layer calls this delta-rule op
     chunk_launch: bool = False     # a chunked op that takes chunk_size (keyred.kernels.cuda.chunk_launch)
     decode_launch: bool = False    # fla's fused-recurrent forward launcher (keyred.kernels.cuda.decode_launch)
@@ -45,7 +55,7 @@ class Site:
 
 
 _LAYERS = "keyred.kernels.layers"
-_OPS = "keyred.fla.backend"
+_OPS = "keyred.fla.torch_ops"
 _ATTNRES = "attnres (config.attnres_block_size)"
 
 SITES: tuple[Site, ...] = (
@@ -91,16 +101,17 @@ SITES: tuple[Site, ...] = (
     Site("fla.layers.gated_deltaproduct", "fused_recurrent_gated_delta_rule",
          cpu=f"{_OPS}:fused_recurrent_gated_delta_rule", family="gated_deltaproduct"),
     # The blocks' and FLAModel's attention residuals: Triton-only in fla, not provided by keyred.
-    Site("fla.models.delta_net.modeling_delta_net", "fused_attnres", refuse=f"{_ATTNRES}, DeltaNet"),
-    Site("fla.models.gated_deltanet.modeling_gated_deltanet", "fused_attnres", refuse=f"{_ATTNRES}, GatedDeltaNet"),
-    Site("fla.models.gated_deltaproduct.modeling_gated_deltaproduct", "fused_attnres",
-         refuse=f"{_ATTNRES}, GatedDeltaProduct"),
-    Site("fla.models.modeling_utils", "fused_attnres", refuse=f"{_ATTNRES}, FLAModel"),
+    Site("fla.models.delta_net.modeling_delta_net", "fused_attnres", refuse=_ATTNRES, refused_in="DeltaNet"),
+    Site("fla.models.gated_deltanet.modeling_gated_deltanet", "fused_attnres", refuse=_ATTNRES,
+         refused_in="GatedDeltaNet"),
+    Site("fla.models.gated_deltaproduct.modeling_gated_deltaproduct", "fused_attnres", refuse=_ATTNRES,
+         refused_in="GatedDeltaProduct"),
+    Site("fla.models.modeling_utils", "fused_attnres", refuse=_ATTNRES, refused_in="FLAModel"),
     # The launcher DeltaNet's fused-recurrent autograd function calls for its forward (decoding).
     Site("fla.ops.delta_rule.fused_recurrent", "fused_recurrent_delta_rule_fwd", decode_launch=True),
 )
 
-CPU_SITES = tuple(site for site in SITES if site.cpu or site.refuse)
-DELTA_RULE_OPS = tuple(site for site in SITES if site.family)
-CHUNK_LAUNCH_SITES = tuple(site for site in SITES if site.chunk_launch)
-(DECODE_LAUNCH_SITE,) = (site for site in SITES if site.decode_launch)
+CPU_SITES = tuple(site for site in SITES if site.cpu or site.refuse)        # the seam (keyred.fla.backend)
+DELTA_RULE_OPS = tuple(site for site in SITES if site.family)              # recorded by bench and analysis
+CHUNK_LAUNCH_SITES = tuple(site for site in SITES if site.chunk_launch)    # keyred.kernels.cuda.chunk_launch
+(DECODE_LAUNCH_SITE,) = (site for site in SITES if site.decode_launch)     # keyred.kernels.cuda.decode_launch

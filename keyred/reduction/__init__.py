@@ -1,1 +1,3 @@
-"""Key reduction: pruning methods, strong RRQR, the per-model sweep."""
+"""Key reduction: the methods and their settings (methods), where the key channels of a layer live
+(channels), calibration, each method's selection, surgery, one pruning (prune), strong RRQR
+(rrqr), and the per-model sweep over ratios with LoRA recovery and evaluation (sweep)."""

@@ -1,1 +1,3 @@
-"""State tracking on group word problems: the model, its training and its scores."""
+"""State tracking on group word problems: which Gated DeltaProducts learn to track the state of
+a group, and up to which length. spec (the settings of one run, light), model, scoring,
+training (the loop, with resume), run (train, test, write)."""

@@ -1,101 +1,76 @@
-"""Stage: recover a (key-reduced) checkpoint with LoRA, then merge the adapters into a plain fla checkpoint.
-
-    python -m keyred.training.lora --checkpoint results/pruned/deltanet_tiny/drrqr_0.5 \
-        --packed results/data/packed --spec '{"steps": 200, "distill": true}' \
-        --out results/finetuned/deltanet_tiny/drrqr_0.5 --losses results/finetuned/deltanet_tiny/drrqr_0.5.csv
+"""LoRA recovery of a (key-reduced) checkpoint, then the adapters merged into a plain fla checkpoint.
 
 Recovery (the KeyReduction recipe): peft LoRA adapters (rank 32, alpha 64, dropout 0) on q_proj,
 k_proj and v_proj; with `train_extra` the short-convolution kernels, the norm weights and every
 parameter named `*bias` (GatedDeltaNet's `dt_bias`; fla's linears have no bias) are trained in
-full as well; every other base weight is frozen. AdamW on the trainable parameters, linear
-warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA. Data: windows of seq_len
-tokens of the packed train split in the seeded order of keyred.training.lm.BatchOrder.
+full as well; every other base weight is frozen. AdamW (betas 0.9, 0.95) on the trainable
+parameters, linear warm-up then cosine decay, gradient clipping, bf16 autocast on CUDA. Data:
+windows of seq_len tokens of the packed train split in the seeded order of
+keyred.training.batches.BatchOrder.
 
 LoRA targets must be linear layers that the model calls through their forward, otherwise peft's
 wrapper is never run and the adapter is silently ignored (see `lora_targets`).
 
 Distillation (`distill`): the teacher is the unpruned parent checkpoint (keyred.json `parent` of
-the input, or --teacher). Per token, with temperature T and weight w,
+the input, or an explicit one). Per token, with temperature T and weight w,
 
     loss = w * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T)) + (1 - w) * cross_entropy,
 
 so w = 1 is pure distillation and w = 0.5 an even mix with the language-model loss.
-
-The output is the merged model (merge_and_unload), saved with keyred.checkpoints.save_checkpoint;
-keyred.json records stage "finetune", the input checkpoint as parent, the settings, validation
-losses before and after, the trainable parameter count, the seconds taken and the input's own
-extra fields under "source". The losses CSV has one row before training (step 0, validation loss
-before), one every log_every steps and one after the last step (validation loss after merging).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import functools
-import sys
 import time
 from pathlib import Path
 
-from keyred.console import add_torch_options, bad_input, progress, read_spec, torch_device
-from keyred.config import ConfigError, is_int, is_number, require, settings_from_dict
+import torch
+import torch.nn.functional as F
+from fla.modules import GatedMLP, ShortConvolution
+from peft import LoraConfig, get_peft_model
+from torch import nn
 
-SECTION = "finetune"
+from keyred.config import ConfigError, section_settings
+from keyred.data.packing import PackedTokens
+from keyred.device import mixed_precision
+from keyred.training.batches import BatchOrder, validation_loss, validation_windows, window_batch
+from keyred.training.meter import Meter
+from keyred.training.optimizer import (build_optimizer, check_finite, clip_and_step, learning_rate,
+                                       set_learning_rate)
+
+SECTION = "reduction.finetune"
+BETAS = (0.9, 0.95)
 
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneSettings:
-    steps: int = 200
-    batch_size: int = 8
-    seq_len: int = 256
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    rank: int = 32
-    alpha: float = 64.0
-    dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
-    train_extra: bool = True
-    distill: bool = False
-    distill_temperature: float = 2.0
-    distill_weight: float = 1.0
-    eval_sequences: int = 64
-    log_every: int = 10
-    seed: int = 0
+    """The `reduction.finetune` section of the config (defaults and ranges: the schema)."""
+
+    steps: int
+    batch_size: int
+    seq_len: int
+    lr: float
+    min_lr_ratio: float
+    warmup_steps: int
+    weight_decay: float
+    grad_clip: float
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
+    train_extra: bool
+    distill: bool
+    distill_temperature: float
+    distill_weight: float
+    eval_sequences: int
+    log_every: int
+    seed: int
 
 
 def finetune_settings(values: dict) -> FinetuneSettings:
-    """FinetuneSettings from a mapping (missing keys take the defaults); ConfigError naming a bad key."""
-    settings = settings_from_dict(FinetuneSettings, values, SECTION)
-    key = functools.partial("{}.{}".format, SECTION)
-    for name in ("steps", "batch_size", "rank", "eval_sequences", "log_every"):
-        value = getattr(settings, name)
-        require(is_int(value) and value >= 1, key(name), f"must be an integer >= 1, got {value!r}")
-    require(is_int(settings.seq_len) and settings.seq_len >= 2, key("seq_len"),
-            f"must be an integer >= 2, got {settings.seq_len!r}")
-    for name in ("warmup_steps", "seed"):
-        value = getattr(settings, name)
-        require(is_int(value) and value >= 0, key(name), f"must be an integer >= 0, got {value!r}")
-    for name in ("lr", "grad_clip", "alpha", "distill_temperature"):
-        value = getattr(settings, name)
-        require(is_number(value) and value > 0, key(name), f"must be a number > 0, got {value!r}")
-    require(is_number(settings.weight_decay) and settings.weight_decay >= 0, key("weight_decay"),
-            f"must be a number >= 0, got {settings.weight_decay!r}")
-    for name in ("min_lr_ratio", "distill_weight"):
-        value = getattr(settings, name)
-        require(is_number(value) and 0 <= value <= 1, key(name), f"must be a number in [0, 1], got {value!r}")
-    require(is_number(settings.dropout) and 0 <= settings.dropout < 1, key("dropout"),
-            f"must be a number in [0, 1), got {settings.dropout!r}")
-    for name in ("train_extra", "distill"):
-        value = getattr(settings, name)
-        require(isinstance(value, bool), key(name), f"must be true or false, got {value!r}")
-    targets = settings.target_modules
-    require(isinstance(targets, tuple) and len(targets) > 0 and all(isinstance(t, str) for t in targets)
-            and len(set(targets)) == len(targets), key("target_modules"),
-            f"must be a non-empty list of distinct module names (e.g. [q_proj, k_proj, v_proj]), got {targets!r}")
-    return settings
+    """FinetuneSettings from a mapping (missing keys take the schema's defaults); ConfigError naming a bad key."""
+    return section_settings(FinetuneSettings, SECTION, values)
 
 
 # ---------------------------------------------------------------------------- where LoRA applies
@@ -112,9 +87,6 @@ def lora_targets(model) -> dict[str, str | None]:
     read their *res_proj weights. A LoRA on a tied lm_head would change the embeddings when
     merged. Module types other than nn.Linear are refused too.
     """
-    from fla.modules import GatedMLP, ShortConvolution
-    from torch import nn
-
     modules = dict(model.named_modules())
     verdicts: dict[str, str | None] = {}
     for full_name, module in modules.items():
@@ -162,8 +134,6 @@ def check_targets(model, targets: tuple[str, ...]) -> None:
 def extra_parameter_names(model) -> list[str]:
     """Names of the parameters `train_extra` trains in full: short-convolution kernels, the weights
     of norm modules (class name containing "Norm") and every parameter whose name ends in "bias"."""
-    from fla.modules import ShortConvolution
-
     names = []
     for module_name, module in model.named_modules():
         whole = isinstance(module, ShortConvolution) or "Norm" in type(module).__name__
@@ -176,8 +146,6 @@ def extra_parameter_names(model) -> list[str]:
 def add_lora(model, settings: FinetuneSettings):
     """Wrap `model` (modified in place) with peft LoRA adapters on settings.target_modules; freeze
     every base weight except the train_extra ones. Returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
     check_targets(model, settings.target_modules)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
@@ -195,8 +163,6 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
 
     Logits [B, T, V] (any float dtype; computed in float32). Returns a scalar tensor.
     """
-    import torch.nn.functional as F
-
     student = F.log_softmax(student_logits.float().flatten(0, 1) / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float().flatten(0, 1) / temperature, dim=-1)
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
@@ -205,9 +171,6 @@ def distillation_loss(student_logits, teacher_logits, temperature: float):
 def training_loss(model, tokens, settings: FinetuneSettings, teacher=None):
     """(loss, lm_loss, kl) of token ids [B, T]: the model's next-token cross-entropy, and with a
     teacher the distillation mix of the module docstring (kl is None without a teacher)."""
-    import torch
-    import torch.nn.functional as F
-
     if teacher is None:
         lm_loss = model(input_ids=tokens, labels=tokens).loss
         return lm_loss, lm_loss, None
@@ -230,15 +193,8 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     val_loss (before training at step 0, after merging at the last row, NaN elsewhere). Summary:
     val_loss_before, val_loss_after, trainable_parameters, seconds.
     """
-    import torch
-
-    from keyred.data.packing import PackedTokens
-    from keyred.training.lm import (BatchOrder, check_finite, clip_and_step, learning_rate, mixed_precision,
-                              parameter_groups, validation_loss, validation_windows, window_batch)
-
     start = time.perf_counter()
-    train_split = PackedTokens(packed, "train")
-    windows = train_split.sequences(settings.seq_len)
+    windows = PackedTokens(packed, "train").sequences(settings.seq_len)
     val_windows = validation_windows(packed, settings.seq_len, settings.eval_sequences)
     name = f"finetune {model.config.model_type}"
     val_loss_before = validation_loss(model, val_windows, settings.batch_size, device)
@@ -249,8 +205,7 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW(parameter_groups(peft_model, settings.weight_decay), lr=settings.lr,
-                                  betas=(0.9, 0.95), fused=device == "cuda")
+    optimizer = build_optimizer(peft_model, settings.lr, settings.weight_decay, BETAS, device)
     order = BatchOrder(len(windows), settings.batch_size, settings.seed)
     step_tokens = settings.batch_size * settings.seq_len
     log(f"[finetune] {model.config.model_type}: LoRA r={settings.rank} alpha={settings.alpha} on "
@@ -262,32 +217,22 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     rows = [dict(step=0, loss=nan, lm_loss=nan, kl_loss=nan, lr=0.0, tokens_per_s=nan, elapsed_s=0.0, tokens=0,
                  val_loss=val_loss_before)]
 
-    train_start = window_start = time.perf_counter()
-    window_first_step = 0
+    meter = Meter(settings.steps)
     for step in range(settings.steps):
-        lr = learning_rate(step, settings)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        lr = learning_rate(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
+        set_learning_rate(optimizer, lr)
         tokens = window_batch(windows, order.rows(step), device)
         with mixed_precision(device):
             loss, lm_loss, kl = training_loss(peft_model, tokens, settings, teacher)
         check_finite(loss.detach(), name, step, lr)
         loss.backward()
         clip_and_step(peft_model, optimizer, settings.grad_clip)
-
+        meter.count(step_tokens)
         done = step + 1
         if step == 0 or done % settings.log_every == 0 or done == settings.steps:
-            now = time.perf_counter()
-            tokens_per_s = (done - window_first_step) * step_tokens / (now - window_start)
-            elapsed = now - train_start
-            eta = elapsed / done * (settings.steps - done)
-            kl_value = kl.item() if kl is not None else nan
-            rows.append(dict(step=done, loss=loss.item(), lm_loss=lm_loss.item(), kl_loss=kl_value, lr=lr,
-                             tokens_per_s=tokens_per_s, elapsed_s=elapsed, tokens=done * step_tokens, val_loss=nan))
-            log(f"[finetune] step {done}/{settings.steps} loss {loss.item():.4f}"
-                + (f" (lm {lm_loss.item():.4f}, kl {kl_value:.4f})" if kl is not None else "")
-                + f" lr {lr:.2e} {tokens_per_s:,.0f} tok/s elapsed {elapsed:.0f}s eta {eta:.0f}s")
-            window_start, window_first_step = time.perf_counter(), done
+            rows.append(_progress_row(meter.reading(done), loss, lm_loss, kl, lr, step_tokens, settings.steps,
+                                      log))
+            meter.restart_window()
 
     merged = peft_model.merge_and_unload().eval()
     val_loss_after = validation_loss(merged, val_windows, settings.batch_size, device)
@@ -299,6 +244,17 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     return merged, rows, summary
 
 
+def _progress_row(reading, loss, lm_loss, kl, lr: float, step_tokens: int, steps: int, log) -> dict:
+    """Log the progress line of the step of `reading` (a keyred.training.meter.Reading) and return its row."""
+    kl_value = kl.item() if kl is not None else float("nan")
+    log(f"[finetune] step {reading.done}/{steps} loss {loss.item():.4f}"
+        + (f" (lm {lm_loss.item():.4f}, kl {kl_value:.4f})" if kl is not None else "")
+        + f" lr {lr:.2e} {reading.text()}")
+    return dict(step=reading.done, loss=loss.item(), lm_loss=lm_loss.item(), kl_loss=kl_value, lr=lr,
+                tokens_per_s=reading.tokens_per_s, elapsed_s=reading.elapsed_s, tokens=reading.done * step_tokens,
+                val_loss=float("nan"))
+
+
 def teacher_source(info, explicit: str | None) -> str:
     """The teacher checkpoint: `explicit` if given, else the input's parent; ConfigError if neither."""
     if explicit:
@@ -307,73 +263,3 @@ def teacher_source(info, explicit: str | None) -> str:
         raise ConfigError(f"config key '{SECTION}.distill': true, but the checkpoint records no parent to distil "
                           f"from; pass --teacher DIR or set distill to false")
     return info.parent
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m keyred.training.lora", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", required=True, help="keyred checkpoint folder to recover (e.g. a pruned one)")
-    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (train/validation .npy)")
-    parser.add_argument("--spec", required=True, help="JSON of FinetuneSettings (missing keys take the defaults)")
-    parser.add_argument("--out", required=True, help="checkpoint folder to write (adapters merged)")
-    parser.add_argument("--losses", required=True, help="loss CSV to write")
-    parser.add_argument("--teacher", default=None, help="distillation teacher (default: the checkpoint's parent)")
-    add_torch_options(parser)
-    args = parser.parse_args(argv)
-    log = progress
-
-    from keyred.checkpoints import CheckpointError, read_info
-
-    spec = read_spec(parser, args.spec)
-    try:
-        if not isinstance(spec, dict):
-            raise ConfigError(f"--spec must be a JSON object of {SECTION} settings, got {args.spec!r}")
-        settings = finetune_settings(spec)
-        info = read_info(args.checkpoint)
-        teacher_path = teacher_source(info, args.teacher) if settings.distill else None
-    except (ConfigError, CheckpointError) as error:
-        return bad_input(error)
-
-    import pandas as pd
-
-    from keyred import io
-    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
-    from keyred.data.packing import check_vocabulary
-    from keyred.data.tokenizer import load_tokenizer
-    from keyred.training.lm import NonFiniteLossError
-
-    try:
-        device = torch_device(args.device, args.threads)
-        model, _ = load_checkpoint(args.checkpoint, device=device)
-        check_targets(model, settings.target_modules)
-        check_vocabulary(args.packed, model.config.vocab_size)
-        teacher = None
-        if teacher_path is not None:
-            teacher, _ = load_checkpoint(teacher_path, device=device)
-            if teacher.config.vocab_size != model.config.vocab_size:
-                raise ConfigError(f"the teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the "
-                                  f"checkpoint {model.config.vocab_size}: distillation needs the same vocabulary")
-        model, rows, summary = finetune(model, args.packed, settings, device, teacher, log)
-    except (ConfigError, CheckpointError) as error:
-        return bad_input(error)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-
-    checkpoint = Path(args.checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
-    out_info = new_info(info.family, info.size, stage="finetune", seed=settings.seed, parent=str(checkpoint),
-                        extra={"settings": dataclasses.asdict(settings), "teacher": teacher_path, **summary,
-                               "source": info.extra})
-    save_checkpoint(model.to("cpu"), args.out, out_info, tokenizer=tokenizer)
-    table = pd.DataFrame(rows)
-    table.insert(0, "family", info.family)
-    table.insert(1, "size", info.size)
-    io.write_csv(args.losses, table)
-    log(f"[finetune] wrote {args.out} and {args.losses}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

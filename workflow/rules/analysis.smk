@@ -1,4 +1,4 @@
-# State-rank analysis (keyred.analysis.stage): one job per reduced model for its unpruned checkpoint and
+# State-rank analysis (keyred.stages.analyse): one job per reduced model for its unpruned checkpoint and
 # one per (model, method) for that method's checkpoint at every ratio (analysis.stage), one job for
 # every state-tracking run; then the tables and figures.
 
@@ -16,14 +16,14 @@ rule state_rank_model:
         checkpoints=analysed_checkpoints,
         options=f"--seq-len {ANALYSIS['seq_len']} --stride {ANALYSIS['stride']}",
         device=config["device"],
-        code=code_digest("keyred.analysis.stage"),
+        code=code_digest("keyred.stages.analyse"),
     threads: config["threads"]
     resources:
         **model_resources("analysis"),
     log:
         log_path("analysis", "{model}", "{method}.log"),
     shell:
-        "{PYTHON} -m keyred.analysis.stage {params.checkpoints} --name {wildcards.model} --packed {input.packed}"
+        "{PYTHON} -m keyred.stages.analyse {params.checkpoints} --name {wildcards.model} --packed {input.packed}"
         " {params.options} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -58,14 +58,14 @@ rule state_tracking_rank:
         checkpoints=lambda wildcards, input: " ".join(f"--checkpoint {folder}" for folder in input),
         stride=ANALYSIS["stride"],
         device=config["device"],
-        code=code_digest("keyred.analysis.stage"),
+        code=code_digest("keyred.stages.analyse"),
     threads: config["threads"]
     resources:
         **stage_resources("state_tracking"),
     log:
         log_path("analysis", "state_tracking.log"),
     shell:
-        "{PYTHON} -m keyred.analysis.stage {params.checkpoints} --stride {params.stride}"
+        "{PYTHON} -m keyred.stages.analyse {params.checkpoints} --stride {params.stride}"
         " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 

@@ -1,50 +1,42 @@
-# Speed and memory (keyred.bench.run): single-mixer scaling and recurrent decoding on random-weight
+# Speed and memory (keyred.stages.bench): single-mixer scaling and recurrent decoding on random-weight
 # shapes at several key dims, the whole-model forward of every reduced model and its pruned
-# checkpoints; then the tables and figures.
+# checkpoints; then the tables and figures. Each job's --spec holds exactly the bench settings it
+# reads (keyred.bench.spec).
+
+from keyred.bench.spec import bench_spec
 
 
 rule bench_mixer:
     output:
         bench_path("mixer.csv"),
     params:
-        shape=BENCH["shape"],
-        mixer=BENCH["mixer"],
-        graph="--cuda-graph" if BENCH["mixer"]["cuda_graph"] else "",
-        timing=BENCH_TIMING,
+        spec=bench_spec(config, "mixer"),
         device=config["device"],
-        code=code_digest("keyred.bench.run"),
+        code=code_digest("keyred.stages.bench"),
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
     log:
         log_path("bench", "mixer.log"),
     shell:
-        "{PYTHON} -m keyred.bench.run mixer --families {params.mixer[families]} --hidden {params.shape[hidden_size]}"
-        " --heads {params.shape[num_heads]} --value-dim {params.shape[value_dim]} --key-dims {params.shape[key_dims]}"
-        " --batch {params.mixer[batch]} --seq-len {params.mixer[seq_len]} --passes {params.mixer[passes]}"
-        " {params.graph} {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.stages.bench mixer --spec {params.spec:q} --device {params.device} --threads {threads}"
+        " --out {output} > {log} 2>&1"
 
 
 rule bench_decode:
     output:
         bench_path("decode.csv"),
     params:
-        shape=BENCH["shape"],
-        decode=BENCH["decode"],
-        graph="--cuda-graph" if BENCH["decode"]["cuda_graph"] else "",
-        timing=BENCH_TIMING,
+        spec=bench_spec(config, "decode"),
         device=config["device"],
-        code=code_digest("keyred.bench.run"),
+        code=code_digest("keyred.stages.bench"),
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
     log:
         log_path("bench", "decode.log"),
     shell:
-        "{PYTHON} -m keyred.bench.run decode --families delta_net --hidden {params.shape[hidden_size]}"
-        " --layers {params.shape[num_layers]} --heads {params.shape[num_heads]} --value-dim {params.shape[value_dim]}"
-        " --key-dims {params.shape[key_dims]} --batches {params.decode[batches]} --prompt-len {params.decode[prompt_len]}"
-        " --steps {params.decode[steps]} {params.graph} {params.timing} --device {params.device} --threads {threads}"
+        "{PYTHON} -m keyred.stages.bench decode --spec {params.spec:q} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 
@@ -55,19 +47,18 @@ rule bench_models:
     output:
         bench_path("models", "{model}.csv"),
     params:
-        model=BENCH["model"],
-        timing=BENCH_TIMING,
+        spec=bench_spec(config, "model"),
         device=config["device"],
-        code=code_digest("keyred.bench.run"),
+        code=code_digest("keyred.stages.bench"),
     threads: config["threads"]
     resources:
         **model_resources("bench"),
     log:
         log_path("bench", "models", "{model}.log"),
     shell:
-        "{PYTHON} -m keyred.bench.run model --name {wildcards.model} --checkpoints {input.checkpoint}"
-        " --reductions {input.reduced} --batch {params.model[batch]} --seq-len {params.model[seq_len]}"
-        " {params.timing} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.stages.bench model --name {wildcards.model} --checkpoints {input.checkpoint}"
+        " --reductions {input.reduced} --spec {params.spec:q} --device {params.device} --threads {threads}"
+        " --out {output} > {log} 2>&1"
 
 
 rule bench_tables:

@@ -5,51 +5,40 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 
+import keyred.specs as specs
+from keyred.checkpoints import reduced_checkpoint
 from keyred.config import ConfigError, validate_config
 from keyred.data.groups import group_order
 from keyred.provenance import code_digest
-from keyred.reduction.prune import METHODS
+from keyred.reduction.methods import METHODS
 from keyred.resources import KEYS as RESOURCE_KEYS, job_resources
-from keyred.tracking.run import sweep_run_spec
 
 try:
     config.update(validate_config(config))
     for _group in config["state_tracking"]["groups"]:
-        group_order(_group)  # unknown or too large: the message shows the name grammar
+        group_order(_group)  # too large: the message shows the name grammar
+    specs.check_config(config)  # what the schema cannot state (between sections)
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 except ValueError as error:
     raise WorkflowError(f"config key 'state_tracking.groups': {error}") from None
-for _name, _model in config["models"].items():
-    if _model["pretrained"] and config["tokenizer"]["kind"] != "hub":
-        raise WorkflowError(f"config key 'models.{_name}.pretrained': a pretrained hub model needs its own "
-                            f"tokenizer: set tokenizer.kind to hub (and tokenizer.hub_name to its tokenizer)")
 
 PYTHON = sys.executable  # the interpreter running Snakemake (the project's venv), for every job
-RESULTS = config["results_dir"]
+LAYOUT = specs.layout(config)  # every output path (keyred.specs.Layout, also used by `keyred <stage> --config`)
 MODELS = sorted(config["models"])
 
 
 # Key reduction: which models, methods and ratios.
 REDUCTION = config["reduction"]
 REDUCED_MODELS = REDUCTION["models"] or MODELS
-for _name in REDUCED_MODELS:
-    if _name not in config["models"]:
-        raise WorkflowError(f"config key 'reduction.models': {_name!r} is not a model of `models`; "
-                            f"allowed: {', '.join(MODELS)}")
 
 
-# State-rank analysis: the ratio its over-time and heatmap figures show must be one that is reduced.
+# State-rank analysis (its ratio is one of reduction.ratios: keyred.specs.check_config).
 ANALYSIS = config["analysis"]
-if REDUCTION["methods"] and ANALYSIS["ratio"] not in REDUCTION["ratios"]:
-    raise WorkflowError(f"config key 'analysis.ratio': {ANALYSIS['ratio']} is not one of reduction.ratios "
-                        f"({', '.join(map(str, REDUCTION['ratios']))})")
-BENCH = config["bench"]
-BENCH_TIMING = f"--warmup {BENCH['warmup']} --repeats {BENCH['repeats']}"  # keyred.bench.run options of every benchmark
+BENCH = config["bench"]  # each benchmark job's --spec: keyred.bench.spec.bench_spec
 
 
-# State-tracking sweep: eigenvalue ranges by path-friendly name.
-EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
+# State-tracking sweep (eigenvalue ranges by path-friendly name: keyred.specs.EIGENVALUE_RANGES).
 TRACKING = config["state_tracking"]
 TRACKING_GROUPS = TRACKING["groups"]
 
@@ -65,23 +54,23 @@ wildcard_constraints:
 
 
 def path(*parts):
-    """The single place that builds output paths: results_dir/parts..."""
-    return "/".join([RESULTS, *parts])
+    """results_dir/parts... (keyred.specs.Layout builds every path)."""
+    return LAYOUT.path(*parts)
 
 
 def data_path(*parts):
     """Corpus, tokenizer and packed tokens, shared by every language model."""
-    return path("data", *parts)
+    return LAYOUT.data(*parts)
 
 
 def max_train_tokens_option():
     """The packing CLI option that cuts the train stream at corpus.token_budget tokens (none when null)."""
-    budget = config["corpus"]["token_budget"]
+    budget = specs.max_train_tokens(config)
     return f"--max-train-tokens {budget}" if budget else ""
 
 
 def model_path(model, *parts):
-    return path("models", model, *parts)
+    return LAYOUT.model(model, *parts)
 
 
 def checkpoints():
@@ -89,20 +78,22 @@ def checkpoints():
 
 
 def log_path(*parts):
-    return path("logs", *parts)
+    return LAYOUT.log(*parts)
 
 
 def train_spec(model):
     """Exactly the config values the training of `model` reads (a rule param: changing one reruns it)."""
-    return json.dumps(
-        {"model": config["models"][model], "train": config["train"]},
-        sort_keys=True,
-    )
+    return specs.train_spec(config, model)
+
+
+def evaluate_spec():
+    """Exactly the config values an evaluation job reads (a rule param)."""
+    return specs.evaluate_spec(config)
 
 
 def reduction_path(model, method):
     """The output folder of one reduce job (checkpoints and tables of every ratio)."""
-    return path("reduction", model, method)
+    return LAYOUT.reduction(model, method)
 
 
 def reduction_runs():
@@ -111,18 +102,17 @@ def reduction_runs():
 
 def reduction_spec():
     """Exactly the config values a reduce job reads (a rule param)."""
-    return json.dumps({"prune": REDUCTION["prune"], "finetune": REDUCTION["finetune"], "evaluate": config["evaluate"]},
-                      sort_keys=True)
+    return specs.reduction_spec(config)
 
 
 def tracking_run(*parts):
     """One run of the state-tracking sweep (wildcards group, n_h, eig, layers, seed)."""
-    return path("state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}", "seed{seed}", *parts)
+    return LAYOUT.tracking_run("{group}", "{n_h}", "{eig}", "{layers}", "{seed}", *parts)
 
 
 def tracking_runs(name):
     """`name` of every run of the sweep."""
-    eig_names = {value: key for key, value in EIGENVALUE_RANGES.items()}
+    eig_names = {value: key for key, value in specs.EIGENVALUE_RANGES.items()}
     return expand(
         tracking_run(name),
         group=TRACKING_GROUPS,
@@ -135,17 +125,16 @@ def tracking_runs(name):
 
 def tracking_spec(wildcards):
     """Exactly the config values one state-tracking run reads (a rule param)."""
-    spec = sweep_run_spec(TRACKING, wildcards.group, int(wildcards.n_h), wildcards.eig == "neg",
-                          int(wildcards.layers), int(wildcards.seed))
-    return json.dumps(spec, sort_keys=True)
+    return specs.tracking_spec(config, wildcards.group, int(wildcards.n_h), wildcards.eig, int(wildcards.layers),
+                               int(wildcards.seed))
 
 
 def bench_path(*parts):
-    return path("bench", *parts)
+    return LAYOUT.bench(*parts)
 
 
 def analysis_path(*parts):
-    return path("analysis", *parts)
+    return LAYOUT.analysis(*parts)
 
 
 def analysed_checkpoints(wildcards, input):
@@ -153,7 +142,7 @@ def analysed_checkpoints(wildcards, input):
     reduce output folder, or the unpruned model."""
     if wildcards.method == "unpruned":
         return f"--checkpoint {input.checkpoint}"
-    return " ".join(f"--checkpoint {input.checkpoint}/ratio{ratio}/{ANALYSIS['stage']}"
+    return " ".join(f"--checkpoint {reduced_checkpoint(input.checkpoint, ratio, ANALYSIS['stage'])}"
                     for ratio in REDUCTION["ratios"])
 
 

@@ -8,14 +8,14 @@ rule corpus:
     output:
         directory(data_path("corpus")),
     params:
-        spec=json.dumps(config["corpus"], sort_keys=True),
-        code=code_digest("keyred.data.corpus"),
+        spec=specs.corpus_spec(config),
+        code=code_digest("keyred.stages.corpus"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "corpus.log"),
     shell:
-        "{PYTHON} -m keyred.data.corpus --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.stages.corpus --spec {params.spec:q} --out {output} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -25,14 +25,14 @@ rule tokenizer:
     output:
         directory(data_path("tokenizer")),
     params:
-        spec=json.dumps(config["tokenizer"], sort_keys=True),
-        code=code_digest("keyred.data.tokenizer"),
+        spec=specs.tokenizer_spec(config),
+        code=code_digest("keyred.stages.tokenizer"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "tokenizer.log"),
     shell:
-        "{PYTHON} -m keyred.data.tokenizer --spec {params.spec:q} --corpus {input} --out {output} > {log} 2>&1"
+        "{PYTHON} -m keyred.stages.tokenizer --spec {params.spec:q} --corpus {input} --out {output} > {log} 2>&1"
 
 
 rule packing:
@@ -44,11 +44,11 @@ rule packing:
         directory(data_path("packed")),
     params:
         max_train_tokens=max_train_tokens_option(),
-        code=code_digest("keyred.data.packing"),
+        code=code_digest("keyred.stages.packing"),
     resources:
         **stage_resources("data"),
     log:
         log_path("data", "packing.log"),
     shell:
-        "{PYTHON} -m keyred.data.packing --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output}"
+        "{PYTHON} -m keyred.stages.packing --corpus {input.corpus} --tokenizer {input.tokenizer} --out {output}"
         " {params.max_train_tokens} > {log} 2>&1"

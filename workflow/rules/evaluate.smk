@@ -15,7 +15,7 @@ rule evaluate_lm:
         spec=json.dumps(config["evaluate"], sort_keys=True),
         context=config["train"]["seq_len"],
         device=config["device"],
-        code=code_digest("keyred.evaluation.lm_eval"),
+        code=code_digest("keyred.stages.evaluate"),
     threads: config["threads"]
     resources:
         **model_resources("evaluate"),
@@ -24,7 +24,7 @@ rule evaluate_lm:
     benchmark:
         path("benchmarks", "evaluate_lm", "{model}.tsv")
     shell:
-        "{PYTHON} -m keyred.evaluation.lm_eval --checkpoint {input.checkpoint} --tokenizer {input.tokenizer}"
+        "{PYTHON} -m keyred.stages.evaluate --checkpoint {input.checkpoint} --tokenizer {input.tokenizer}"
         " --heldout {input.corpus}/test.jsonl --heldout-tokens {input.packed}/test.npy --context {params.context}"
         " --spec {params.spec:q} --name {wildcards.model} --method none --ratio 0 --device {params.device}"
         " --threads {threads} --out {output.results} --extrapolation {output.extrapolation} > {log} 2>&1"

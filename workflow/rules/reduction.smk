@@ -1,5 +1,5 @@
 # Key reduction: one job per (model, method) prunes at every ratio, evaluates, recovers with LoRA
-# and evaluates again (keyred.reduction.sweep); then the main comparison table and figure.
+# and evaluates again (keyred.stages.reduce); then the main comparison table and figure.
 
 
 rule reduce:
@@ -16,7 +16,7 @@ rule reduce:
         ratios=" ".join(str(ratio) for ratio in REDUCTION["ratios"]),
         context=config["train"]["seq_len"],
         device=config["device"],
-        code=code_digest("keyred.reduction.sweep"),
+        code=code_digest("keyred.stages.reduce"),
     threads: config["threads"]
     resources:
         **model_resources("reduce"),
@@ -25,7 +25,7 @@ rule reduce:
     benchmark:
         path("benchmarks", "reduce", "{model}", "{method}.tsv")
     shell:
-        "{PYTHON} -m keyred.reduction.sweep --name {wildcards.model} --checkpoint {input.checkpoint}"
+        "{PYTHON} -m keyred.stages.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
         " --packed {input.packed} --corpus {input.corpus} --tokenizer {input.tokenizer}"
         " --method {wildcards.method} --ratios {params.ratios} --context {params.context}"
         " --spec {params.spec:q} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# State tracking on group word problems: one job per (group, n_h, eigenvalue range, layers, seed).
+# State tracking on group word problems: one job per (group, n_h, eigenvalue range, layers, seed). A job
+# that is stopped or fails leaves its resume state in the run's resume/ folder; running it again continues.
 
 
 rule state_tracking_run:
@@ -11,7 +12,8 @@ rule state_tracking_run:
         spec=tracking_spec,
         device=config["device"],
         out=lambda wildcards, output: os.path.dirname(output.summary),
-        code=code_digest("keyred.tracking.run"),
+        resume=lambda wildcards, output: os.path.join(os.path.dirname(output.summary), "resume"),
+        code=code_digest("keyred.stages.track"),
     threads: config["threads"]
     resources:
         **stage_resources("state_tracking"),
@@ -20,8 +22,8 @@ rule state_tracking_run:
     benchmark:
         path("benchmarks", "state_tracking", "{group}", "nh{n_h}_{eig}_L{layers}_seed{seed}.tsv")
     shell:
-        "{PYTHON} -m keyred.tracking.run --spec {params.spec:q} --device {params.device}"
-        " --threads {threads} --out {params.out} > {log} 2>&1"
+        "{PYTHON} -m keyred.stages.track --spec {params.spec:q} --device {params.device}"
+        " --threads {threads} --out {params.out} --resume-dir {params.resume} > {log} 2>&1"
 
 
 rule state_tracking_tables:

@@ -15,7 +15,7 @@ rule train_lm:
         device=config["device"],
         resume=lambda wildcards: model_path(wildcards.model, "resume"),
         gpus=lambda wildcards, resources: resources.gpu,  # data-parallel processes: a change re-trains
-        code=code_digest("keyred.training.lm"),
+        code=code_digest("keyred.stages.train"),
     threads: config["threads"]
     resources:
         **model_resources("train"),
@@ -24,6 +24,6 @@ rule train_lm:
     benchmark:
         path("benchmarks", "train_lm", "{model}.tsv")
     shell:
-        "{PYTHON} -m keyred.training.lm --name {wildcards.model} --spec {params.spec:q} --device {params.device}"
+        "{PYTHON} -m keyred.stages.train --name {wildcards.model} --spec {params.spec:q} --device {params.device}"
         " --threads {threads} --packed {input.packed} --tokenizer {input.tokenizer}"
         " --out {output.checkpoint} --losses {output.losses} --resume-dir {params.resume} > {log} 2>&1"

@@ -14,9 +14,9 @@ graph) then takes 1.670 / 1.208 / 0.986 ms at d_k 128 / 64 / 32 (1.38x and 1.69x
 1.662 / 1.289 / 1.078 ms with fla's chunks of 64 (1.29x and 1.54x). Gated DeltaNet's chunked op
 does not gain (1.693 vs 1.671 ms at d_k 64, 1.437 vs 1.418 ms at d_k 32), so it keeps fla's 64.
 
-`chunk_launch("keyred")` therefore hands the ops of CHUNK_OPS `chunk_size=chunk_size_for(op, d_k)`
-(32 for d_k <= SMALL_KEY_DIM, fla's 64 above) for CUDA calls made without autograd;
-`chunk_launch("fla")` leaves fla's default. Calls that build a graph for backward keep 64: fla's
+`chunk_launch("keyred")` therefore hands the ops at keyred.fla.sites.CHUNK_LAUNCH_SITES
+`chunk_size=chunk_size_for(op, d_k)` (32 for d_k <= SMALL_KEY_DIM, fla's 64 above) for CUDA calls
+made without autograd; `chunk_launch("fla")` leaves fla's default. Calls that build a graph for backward keep 64: fla's
 chunk-32 backward is not what was measured or checked here. The recurrence is the same at every
 chunk size; outputs differ only by bf16 rounding (tests/test_chunk_launch.py, on a GPU).
 """
@@ -25,28 +25,29 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 from collections.abc import Callable, Iterator
 
 import torch
 
+from keyred.fla.patching import patched
+from keyred.fla.sites import CHUNK_LAUNCH_SITES, Site
 from keyred.kernels.cuda.decode_launch import LAUNCHES
 
-__all__ = ["CHUNK_OPS", "FLA_CHUNK_SIZE", "SMALL_KEY_CHUNK_SIZE", "SMALL_KEY_DIM", "chunk_launch", "chunk_size_for"]
+__all__ = ["CHUNKED_OPS", "FLA_CHUNK_SIZE", "SMALL_KEY_CHUNK_SIZE", "SMALL_KEY_DIM", "chunk_launch", "chunk_size_for"]
 
 FLA_CHUNK_SIZE = 64  # fla 0.6.0's default for chunk_delta_rule and chunk_gated_delta_rule
 SMALL_KEY_CHUNK_SIZE = 32
 SMALL_KEY_DIM = 64  # d_k at or below which inference uses SMALL_KEY_CHUNK_SIZE
 
-# fla layer module -> the chunked op it calls by that name at call time (it takes chunk_size=16/32/64).
-CHUNK_OPS = {"fla.layers.delta_net": "chunk_delta_rule"}
+# The chunked ops whose chunk size keyred chooses (they take chunk_size=16/32/64), by name.
+CHUNKED_OPS = tuple(site.attribute for site in CHUNK_LAUNCH_SITES)
 
 
 def chunk_size_for(op: str, key_dim: int, launch: str = "keyred", training: bool = False) -> int:
     """The chunk size the chunked op `op` (e.g. 'chunk_delta_rule') gets under `launch` for keys
     of d_k = key_dim."""
     _check_launch(launch)
-    if launch == "fla" or op not in CHUNK_OPS.values() or training or key_dim > SMALL_KEY_DIM:
+    if launch == "fla" or op not in CHUNKED_OPS or training or key_dim > SMALL_KEY_DIM:
         return FLA_CHUNK_SIZE
     return SMALL_KEY_CHUNK_SIZE
 
@@ -56,9 +57,9 @@ def _check_launch(kind: str) -> None:
         raise ValueError(f"unknown chunk launch {kind!r}; allowed: {', '.join(LAUNCHES)}")
 
 
-def _with_chosen_chunk_size(op: Callable, name: str) -> Callable:
-    """op, called with chunk_size_for(name, d_k) when its keys k [B, T, H, K] are on CUDA and no
-    autograd graph is being built (an explicit chunk_size is kept)."""
+def _with_chosen_chunk_size(site: Site, op: Callable) -> Callable:
+    """op, called with chunk_size_for(site's name, d_k) when its keys k [B, T, H, K] are on CUDA
+    and no autograd graph is being built (an explicit chunk_size is kept)."""
 
     @functools.wraps(op)
     def chosen(*args, **kwargs):
@@ -66,7 +67,7 @@ def _with_chosen_chunk_size(op: Callable, name: str) -> Callable:
         if "chunk_size" not in kwargs and k.is_cuda:
             training = torch.is_grad_enabled() and any(
                 isinstance(value, torch.Tensor) and value.requires_grad for value in (*args, *kwargs.values()))
-            kwargs["chunk_size"] = chunk_size_for(name, k.shape[-1], training=training)
+            kwargs["chunk_size"] = chunk_size_for(site.attribute, k.shape[-1], training=training)
         return op(*args, **kwargs)
 
     return chosen
@@ -80,13 +81,5 @@ def chunk_launch(kind: str) -> Iterator[None]:
     if kind == "fla":
         yield
         return
-    saved = []
-    try:
-        for module_name, name in CHUNK_OPS.items():
-            module = importlib.import_module(module_name)
-            saved.append((module, name, getattr(module, name)))
-            setattr(module, name, _with_chosen_chunk_size(getattr(module, name), name))
+    with patched(CHUNK_LAUNCH_SITES, _with_chosen_chunk_size):
         yield
-    finally:
-        for module, name, op in reversed(saved):
-            setattr(module, name, op)

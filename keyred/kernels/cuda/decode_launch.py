@@ -21,7 +21,7 @@ whose initial state needs no gradient writes the final state over the initial st
 instead of a new tensor (each program reads its tile of the state before writing it, and tiles
 are disjoint, so this is exact). fla's cache then keeps one state tensor per layer for the whole
 generation, which is what lets a decoding step be captured once in a CUDA graph and replayed:
-every replay reads the state the previous one wrote (keyred.bench.run's graph-captured decoding).
+every replay reads the state the previous one wrote (keyred.bench's graph-captured decoding).
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ import importlib
 from collections.abc import Iterator
 
 import torch
+import triton
+
+from keyred.fla import patching
+from keyred.fla.sites import DECODE_LAUNCH_SITE
 
 __all__ = ["LAUNCHES", "LAUNCH_CONFIGS", "decode_launch", "tuned_fused_recurrent_delta_rule_fwd"]
-
-_FLA_MODULE = "fla.ops.delta_rule.fused_recurrent"
-_NAME = "fused_recurrent_delta_rule_fwd"
 
 LAUNCHES = ("keyred", "fla")
 
@@ -49,16 +50,14 @@ LAUNCH_CONFIGS: tuple[tuple[int, int], ...] = tuple(
 @functools.cache
 def _fla_original():
     """fla's own fused_recurrent_delta_rule_fwd (read once, before keyred replaces it)."""
-    return getattr(importlib.import_module(_FLA_MODULE), _NAME)
+    return patching.current(DECODE_LAUNCH_SITE)
 
 
 @functools.cache
 def _autotuned_kernel(in_place: bool):
     """fla's kernel under an autotuner over LAUNCH_CONFIGS, keyed by the shape that decides speed.
     In place, the state is restored after each trial launch so that tuning leaves it as it was."""
-    import triton
-
-    kernel = importlib.import_module(_FLA_MODULE).fused_recurrent_delta_rule_fwd_kernel
+    kernel = importlib.import_module(DECODE_LAUNCH_SITE.module).fused_recurrent_delta_rule_fwd_kernel
     configs = [triton.Config({"BV": block_v}, num_warps=warps, num_stages=1) for block_v, warps in LAUNCH_CONFIGS]
     return triton.autotune(configs=configs, key=["B", "H", "K", "V"],
                            restore_value=["h0"] if in_place else None)(kernel)
@@ -82,8 +81,6 @@ def tuned_fused_recurrent_delta_rule_fwd(
     reads) and the final state [N, H, K, V] float32 (None unless output_final_state); with
     in_place and a float32 initial state that needs no gradient, the final state is that tensor.
     """
-    import triton
-
     B, T, H, K, V = *k.shape, v.shape[-1]
     N = B if cu_seqlens is None else len(cu_seqlens) - 1
     block_k = triton.next_power_of_2(K)
@@ -111,13 +108,8 @@ def decode_launch(kind: str, in_place: bool = False) -> Iterator[None]:
     in place) or "fla" (fla's own fixed launch); whatever was installed before comes back after."""
     if kind not in LAUNCHES:
         raise ValueError(f"unknown decode launch {kind!r}; allowed: {', '.join(LAUNCHES)}")
-    module = importlib.import_module(_FLA_MODULE)
-    previous = getattr(module, _NAME)
     original = _fla_original()
     chosen = functools.partial(tuned_fused_recurrent_delta_rule_fwd, in_place=in_place) if kind == "keyred" \
         else original
-    setattr(module, _NAME, chosen)
-    try:
+    with patching.patched((DECODE_LAUNCH_SITE,), lambda site, previous: chosen):
         yield
-    finally:
-        setattr(module, _NAME, previous)

@@ -1,0 +1,63 @@
+"""Stage: the key-reduction sweep of one model and one method over every ratio: prune, evaluate,
+recover with LoRA, evaluate again (keyred.reduction.sweep).
+
+    python -m keyred.stages.reduce --name deltanet_tiny --checkpoint results/models/deltanet_tiny/checkpoint \
+        --packed results/data/packed --corpus results/data/corpus --tokenizer results/data/tokenizer \
+        --method l1 --ratios 0.25 0.5 0.75 --context 128 \
+        --spec '{"prune": {...}, "finetune": {...}, "evaluate": {...}}' --out results/reduction/deltanet_tiny/l1
+
+Exit codes: 0 done, 2 bad input (settings, checkpoint, data; nothing written), 1 a non-finite
+LoRA loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from keyred.checkpoints import CheckpointError
+from keyred.config import ConfigError
+from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.device import torch_device
+from keyred.reduction.sweep import read_sections, reduce_model
+from keyred.training.optimizer import NonFiniteLossError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keyred.stages.reduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="model name for the tables")
+    parser.add_argument("--checkpoint", required=True, help="the unreduced (parent) checkpoint")
+    parser.add_argument("--packed", required=True,
+                        help="keyred.data.packing folder (calibration, LoRA data, held-out tokens)")
+    parser.add_argument("--corpus", required=True, help="keyred.data.corpus folder (held-out documents)")
+    parser.add_argument("--tokenizer", required=True, help="keyred.data.tokenizer folder")
+    parser.add_argument("--method", required=True, help="reduction method (keyred.reduction.methods.METHODS)")
+    parser.add_argument("--ratios", required=True, type=float, nargs="+", help="key-dimension reduction ratios")
+    parser.add_argument("--context", required=True, type=int, help="training context (length extrapolation)")
+    parser.add_argument("--spec", required=True, help="JSON with the sections prune, finetune, evaluate")
+    parser.add_argument("--out", required=True, help="folder to write")
+    add_torch_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        sections = read_sections(read_spec(parser, args.spec), args.method, args.ratios)
+    except ConfigError as error:
+        return bad_input(error)
+    try:
+        reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, sections, args.context,
+                     args.out, torch_device(args.device, args.threads), progress)
+    except (ConfigError, CheckpointError) as error:
+        return bad_input(error)
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    progress(f"[reduce] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Stage: train a Gated DeltaProduct on a group word problem and measure how far it tracks the state.
+
+    python -m keyred.stages.track --spec '{"model": {"num_householder": 2, "allow_neg_eigval": true},
+        "train": {"group": "S3", "train_length": 32, "test_length": 64}}' --out results/state_tracking/run \
+        --resume-dir results/state_tracking/run/resume
+
+The spec is one run of the `state_tracking` sweep (keyred.tracking.spec); the recipe is
+keyred.tracking.training's. Writes checkpoint/, curve.csv, summary.csv and history.csv into --out
+(keyred.tracking.run). With --resume-dir a run started again with the same spec continues from
+the state saved at its last evaluation; the folder is deleted once the outputs are written.
+Exit codes: 2 for a refused input, 1 when the loss became NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from keyred.config import ConfigError
+from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.device import torch_device
+from keyred.tracking.run import OUTPUTS, run_state_tracking, save_run
+from keyred.tracking.spec import settings_from_spec
+from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import remove_resume_state
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m keyred.stages.track", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help='JSON: {"model": {...}, "train": {...}} (see the settings '
+                                                      "classes StateTrackingModel and StateTrackingTraining)")
+    parser.add_argument("--out", required=True, help=f"folder for {', '.join(OUTPUTS)}")
+    parser.add_argument("--resume-dir", default=None, help="folder for resume state (kept until the run ends)")
+    add_torch_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        model_settings, settings = settings_from_spec(read_spec(parser, args.spec))
+    except ConfigError as error:
+        return bad_input(error)
+    try:
+        device = torch_device(args.device, args.threads)
+        result, curve, summary, history = run_state_tracking(model_settings, settings, device, progress,
+                                                             args.resume_dir)
+    except ConfigError as error:
+        return bad_input(error)
+    except NonFiniteLossError as error:
+        kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
+        print(f"error: {error}{kept}", file=sys.stderr)
+        return 1
+    save_run(args.out, model_settings, settings, result, curve, summary, history)
+    remove_resume_state(args.resume_dir)
+    print(f"[state_tracking] wrote {Path(args.out)}/checkpoint, curve.csv, summary.csv, history.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

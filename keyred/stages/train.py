@@ -1,0 +1,114 @@
+"""Stage: train a language model on the packed corpus; write its checkpoint and training-loss table.
+
+    python -m keyred.stages.train --name deltanet_tiny --spec '{"model": {...}, "train": {...}}' \
+        --packed results/data/packed --tokenizer results/data/tokenizer \
+        --out results/models/deltanet_tiny/checkpoint --losses results/models/deltanet_tiny/train_loss.csv \
+        --resume-dir results/models/deltanet_tiny/resume
+
+`--spec` holds the `models.<name>` and `train` sections of the workflow config (the Snakefile
+passes exactly those, so a change elsewhere in the config does not retrain); the recipe is
+keyred.training.lm's. A run started again with the same spec continues from the state in
+--resume-dir, which is deleted once the checkpoint and the table are written.
+
+Data parallel: with several GPUs visible the stage starts itself again under torchrun, one
+process per GPU (CUDA_VISIBLE_DEVICES picks fewer); under `torchrun --nproc_per_node N -m
+keyred.stages.train ...` every process takes its share of each step's windows (NCCL on CUDA,
+gloo on CPU); rank 0 logs and writes.
+
+A model with `pretrained: <hub name>` is not trained: the hub checkpoint (network needed) is
+saved as this model's checkpoint, scored on validation. Exit codes: 2 for a refused input, 1
+when the loss became NaN or infinite (the last resume state is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import torch
+
+from keyred import io
+from keyred.checkpoints import new_info, save_checkpoint
+from keyred.config import ConfigError, section_settings
+from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.data.tokenizer import load_tokenizer
+from keyred.device import torch_device
+from keyred.training.distributed import start_distributed, torchrun_command
+from keyred.training.lm import ModelChoice, TrainSettings, score_pretrained, train_language_model
+from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import remove_resume_state
+
+MODULE = "keyred.stages.train"      # what torchrun runs in every process
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", required=True, help="model name (a key of the config's `models`)")
+    parser.add_argument("--spec", required=True, help="JSON with the model and train sections")
+    parser.add_argument("--packed", required=True, help="keyred.data.packing folder (train/validation .npy)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder to save with the checkpoint")
+    add_torch_options(parser)
+    parser.add_argument("--out", required=True, help="checkpoint folder to write")
+    parser.add_argument("--losses", required=True, help="training-loss CSV to write")
+    parser.add_argument("--resume-dir", default=None, help="folder for resume state (kept until the run ends)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    log = progress
+    spec = read_spec(parser, args.spec)
+    if not isinstance(spec, dict) or {"model", "train"} - set(spec):
+        parser.error("--spec must be a JSON object with the keys model and train")
+    try:
+        model_choice = section_settings(ModelChoice, "models.*", spec["model"])
+        settings = section_settings(TrainSettings, "train", spec["train"])
+    except ConfigError as error:
+        return bad_input(error)
+
+    try:
+        device = torch_device(args.device, args.threads)
+        gpus = torch.cuda.device_count() if device == "cuda" else 0
+        if gpus > 1 and "WORLD_SIZE" not in os.environ and not model_choice.pretrained:
+            log(f"[train] {gpus} GPUs visible: data parallel over all of them with torchrun "
+                f"(CUDA_VISIBLE_DEVICES picks fewer)")
+            argv = sys.argv[1:] if argv is None else argv
+            return subprocess.run(torchrun_command(MODULE, argv, gpus)).returncode
+        where = start_distributed(device)
+        if model_choice.pretrained:
+            model, rows = score_pretrained(args.name, model_choice, args.packed, settings, device, log)
+        else:
+            model, rows = train_language_model(args.name, model_choice, args.packed, settings, device,
+                                               args.resume_dir, where, log)
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    except ConfigError as error:
+        return bad_input(error)
+    except NonFiniteLossError as error:
+        kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
+        print(f"error: {error}{kept}", file=sys.stderr)
+        return 1
+    if not where.is_main:
+        return 0
+    stage = "pretrained" if model_choice.pretrained else "train"
+    info = new_info(model_choice.family, model_choice.size, stage=stage, seed=settings.seed,
+                    parent=model_choice.pretrained,
+                    extra={"name": args.name, "packed": str(args.packed), "train": dataclasses.asdict(settings),
+                           "val_loss": rows[-1]["val_loss"], "unigram_val_loss": rows[-1]["unigram_val_loss"]})
+    save_checkpoint(model.to("cpu"), args.out, info, tokenizer=tokenizer)
+    table = pd.DataFrame(rows)
+    table.insert(0, "model", args.name)
+    table.insert(1, "family", model_choice.family)
+    table.insert(2, "size", model_choice.size)
+    io.write_csv(args.losses, table)
+    remove_resume_state(args.resume_dir)
+    log(f"[train] wrote {args.out} and {args.losses}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
