@@ -4,7 +4,7 @@
 
 For d_k in --key-dims (d_v fixed) it times fla's chunked DeltaNet and Gated DeltaNet ops
 (forward, with chunks of 64 and 32 tokens, and with --backward forward+backward), the fused-recurrent decoding step at several
-batches with fla's fixed launch and with keyred's autotuned one (keyred.kernels.cuda.decode_launch),
+batches with fla's fixed launch and with keyred's autotuned one (keyred.fla.launch.decode_launch),
 the DeltaNet layer forward eagerly and replayed from a CUDA graph (no host overhead), and with
 --model a 1.3B-shaped model forward (random weights, bf16). Times are CUDA-event medians of
 --repeats after --warmup; then the CUDA time of every kernel from torch.profiler is listed.
@@ -65,7 +65,7 @@ def decode_cases(args, d_k):
     """One fused-recurrent decoding step, fla's fixed launch vs keyred's autotuned one (outputs compared)."""
     from fla.ops.delta_rule import fused_recurrent_delta_rule
 
-    from keyred.kernels.cuda.decode_launch import decode_launch
+    from keyred.fla.launch.decode_launch import decode_launch
 
     for batch in args.decode_batches:
         q, k, v, beta, _ = (t.detach() if t is not None else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -159,7 +158,7 @@ def read_info(path: str | Path) -> CheckpointInfo:
                               f"{', '.join(f.name for f in dataclasses.fields(CheckpointInfo))}") from None
 
 
-def _check_local_checkpoint(path: Path) -> str:
+def check_local_checkpoint(path: Path) -> str:
     """Fail early, naming what is wrong, unless `path` holds an fla checkpoint; return its family."""
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} is not a folder")
@@ -175,34 +174,3 @@ def _check_local_checkpoint(path: Path) -> str:
     if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
         raise CheckpointError(f"checkpoint {path} has no weights (model.safetensors)")
     return family
-
-
-def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
-    """Load a local keyred/fla checkpoint or a hub model name; return (model, info).
-
-    Hub models (e.g. 'fla-hub/delta_net-1.3B-100B') need network access; their info has
-    size None and stage 'hub'.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    import keyred.fla.models  # noqa: F401  (fla's model types, keyred's CPU kernels)
-    path = Path(name_or_path)
-    local = path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))
-    if local:
-        family = _check_local_checkpoint(path)
-        info = read_info(path) if (path / METADATA_FILE).exists() else new_info(family, None, stage="external")
-        source = str(path)
-    else:
-        info, source = None, str(name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
-    except OSError as error:
-        where = f"checkpoint {source}" if local else f"hub model {source} (needs network access)"
-        raise CheckpointError(f"could not load {where}: {error}") from None
-    except Exception as error:  # corrupt safetensors, shape mismatches
-        raise CheckpointError(f"could not load checkpoint {source}: {type(error).__name__}: {error}") from None
-    if info is None:
-        info = new_info(model.config.model_type, None, stage="hub", parent=source)
-        check_family(info.family)
-    return model.to(device).eval(), info

@@ -177,7 +177,8 @@ def test_the_gate_matters():
 
 
 def test_pruned_checkpoint_with_smaller_keys_than_values(tmp_path):
-    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.fla.models import load_checkpoint
     from keyred.reduction.methods import prune_settings
     from keyred.reduction.prune import prune_model
 

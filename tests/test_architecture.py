@@ -6,11 +6,12 @@ The layers, lowest first (a module may import its own layer or lower ones):
   0 core            keyred, config, io, provenance, resources, console, device, specs: no torch
   1 fla names       fla.families, fla.sites, fla.patching: the fla boundary's tables and its one
                     patching tool (they name fla and kernel modules, and import them only by name)
-  2 kernels         CPU reference kernels, kernels/cuda launch choices (installed through fla.patching)
-  3 fla adapters    fla.backend (the CPU seam), fla.models, fla.torch_ops
-  4 checkpoints
-  5 domains         data, training, tracking, evaluation, reduction, analysis, bench, figures
-  6 entry points    keyred.stages.*, keyred.cli, keyred.__main__ (nothing imports them)
+  2 checkpoints     what a checkpoint is, its lineage and the reduction layout (light; loading is fla's)
+    kernels         CPU reference kernels (pure torch)
+  3 fla adapters    fla.backend (the CPU seam), fla.torch_ops, fla.models (build, load), fla.launch.*
+                    (keyred's CUDA launch choices, installed through fla.patching)
+  4 domains         data, training, tracking, evaluation, reduction, analysis, bench, figures
+  5 entry points    keyred.stages.*, keyred.cli, keyred.__main__ (nothing imports them)
 """
 import ast
 import importlib
@@ -67,16 +68,14 @@ def layer(module: str) -> int:
     parts = module.split(".")
     room = parts[1] if len(parts) > 1 else ""
     if is_entry_point(module):
-        return 6
-    if room in DOMAINS:
         return 5
-    if room == "checkpoints":
+    if room in DOMAINS:
         return 4
     if module in ("keyred.fla", "keyred.fla.families", "keyred.fla.sites", "keyred.fla.patching"):
         return 1
     if room == "fla":
         return 3
-    if room == "kernels":
+    if room in ("checkpoints", "kernels"):
         return 2
     return 0
 

@@ -1,7 +1,7 @@
-"""keyred.kernels.cuda.chunk_launch: which chunk size fla's chunked ops get, and that it changes nothing
+"""keyred.fla.launch.chunk_launch: which chunk size fla's chunked ops get, and that it changes nothing
 but the chunking. The choice and the wrapping are checked on the CPU (with stand-in CUDA keys);
 the outputs of real layers at chunk 32 against fla's chunk 64 on a GPU (marker gpu). On the CPU
-too: how the launch choices (this one and keyred.kernels.cuda.decode_launch) stack on the seam.
+too: how the launch choices (this one and keyred.fla.launch.decode_launch) stack on the seam.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from keyred.fla.sites import CHUNK_LAUNCH_SITES
-from keyred.kernels.cuda.chunk_launch import FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch, chunk_size_for
+from keyred.fla.launch.chunk_launch import FLA_CHUNK_SIZE, SMALL_KEY_CHUNK_SIZE, chunk_launch, chunk_size_for
 
 
 @pytest.mark.parametrize("op, key_dim, launch, training, expected", [
@@ -100,7 +100,7 @@ def test_the_launch_choice_wraps_the_seam_and_a_recorder_wraps_the_launch_choice
 def test_decode_launch_installs_its_choice_and_restores_what_it_found():
     from keyred.fla.patching import current
     from keyred.fla.sites import DECODE_LAUNCH_SITE
-    from keyred.kernels.cuda.decode_launch import decode_launch, tuned_fused_recurrent_delta_rule_fwd
+    from keyred.fla.launch.decode_launch import decode_launch, tuned_fused_recurrent_delta_rule_fwd
 
     fla_own = current(DECODE_LAUNCH_SITE)
     with decode_launch("keyred", in_place=True):

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -239,47 +238,30 @@ def test_the_modules_the_schema_names_exist():
 
 # ------------------------------------------------------------------------------------------ enumerations
 
-def code_constant(name, *modules):
-    """`name` from the first of `modules` that defines it (modules move during the redesign)."""
-    for module in modules:
-        try:
-            value = getattr(importlib.import_module(module), name, None)
-        except ModuleNotFoundError:
-            continue
-        if value is not None:
-            return value
-    pytest.fail(f"none of {', '.join(modules)} defines {name}")
+def code_constant(name, module):
+    """The constant `name` of the keyred module `module`."""
+    return getattr(importlib.import_module(module), name)
 
 
-def schema_node(path):
-    """The schema at a dotted path; '*' is a mapping's entries, '[]' an array's items."""
-    node = load_schema()
-    for part in path.split("."):
-        key = {"*": "additionalProperties", "[]": "items"}.get(part)
-        node = node[key] if key else node["properties"][part]
-    return node
-
-
-ENUMERATIONS = [   # (schema path, the code's constant as (name, modules where it may live))
+ENUMERATIONS = [   # (schema path, the code's constant as (name, module))
     ("device", ("DEVICES", "keyred.console")),
     ("models.*.family", ("FAMILIES", "keyred.fla.families")),
     ("models.*.size", ("SIZES", "keyred.fla.families")),
     ("models.*.size", ("SIZES", "keyred.resources")),
     ("corpus.source", ("SOURCES", "keyred.data.corpus")),
     ("tokenizer.kind", ("KINDS", "keyred.data.tokenizer")),
-    ("evaluate.tasks.[]", ("LOCAL_TASKS", "keyred.evaluation.tasks", "keyred.evaluation.lm_eval")),
-    ("evaluate.hub_tasks.[]", ("HUB_TASKS", "keyred.evaluation.tasks", "keyred.evaluation.lm_eval")),
-    ("reduction.methods.[]", ("METHODS", "keyred.reduction.methods", "keyred.reduction.prune")),
+    ("evaluate.tasks.[]", ("LOCAL_TASKS", "keyred.evaluation.tasks")),
+    ("evaluate.hub_tasks.[]", ("HUB_TASKS", "keyred.evaluation.tasks")),
+    ("reduction.methods.[]", ("METHODS", "keyred.reduction.methods")),
     ("bench.mixer.families.[]", ("FAMILIES", "keyred.fla.families")),
-    ("bench.mixer.passes.[]", ("PASSES", "keyred.bench.plan", "keyred.bench.passes", "keyred.bench.run")),
+    ("bench.mixer.passes.[]", ("PASSES", "keyred.bench.plan")),
     ("analysis.stage", ("REDUCED_STAGES", "keyred.checkpoints")),
 ]
 
 
 @pytest.mark.parametrize("path, constant", ENUMERATIONS, ids=[f"{path}={c[0]}" for path, c in ENUMERATIONS])
 def test_schema_enumerations_are_the_code_constants(path, constant):
-    name, *modules = constant
-    assert tuple(schema_node(path)["enum"]) == tuple(code_constant(name, *modules))
+    assert tuple(schema_node(path)["enum"]) == tuple(code_constant(*constant))
 
 
 def test_schema_defaults_lie_in_the_enumerations():
@@ -308,7 +290,7 @@ def test_byte_level_vocabulary_floor():
 
 
 def test_benchmark_key_dims_stay_within_the_cuda_kernels():
-    limit = code_constant("MAX_CUDA_KEY_DIM", "keyred.bench.shapes", "keyred.bench.runs", "keyred.bench.run")
+    limit = code_constant("MAX_CUDA_KEY_DIM", "keyred.bench.runs")
     assert schema_node("bench.shape.key_dims.[]")["maximum"] == limit
 
 
@@ -359,3 +341,29 @@ def test_checks_between_sections(values, message):
     with pytest.raises(ConfigError) as error:
         check_config(validate_config(values))
     assert str(error.value).startswith(message)
+
+
+def test_every_schema_key_has_a_description_and_no_stray_keys():
+    """A YAML flow mapping cut at an unquoted comma leaves a truncated description and a stray key
+    with a null value; every setting must have a description."""
+    from keyred.config import load_schema
+
+    allowed = {"type", "enum", "default", "description", "properties", "additionalProperties", "items", "minimum",
+               "maximum", "exclusiveMinimum", "exclusiveMaximum", "minItems", "maxItems", "uniqueItems", "pattern",
+               "minLength", "required", "oneOf", "anyOf", "$schema", "title", "minProperties", "propertyNames"}
+    problems = []
+
+    def walk(node, where):
+        if not isinstance(node, dict):
+            return
+        problems.extend(f"{where}: unknown schema keyword {key!r}" for key in set(node) - allowed)
+        for key, sub in node.get("properties", {}).items():
+            if not isinstance(sub, dict) or not str(sub.get("description", "")).strip():
+                problems.append(f"{where}.{key}: no description")
+            walk(sub, f"{where}.{key}")
+        for keyword in ("additionalProperties", "items"):
+            if isinstance(node.get(keyword), dict):
+                walk(node[keyword], f"{where}[{keyword}]")
+
+    walk(load_schema(), "config")
+    assert problems == []

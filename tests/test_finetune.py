@@ -267,7 +267,8 @@ def test_training_loss_mixes_distillation_and_cross_entropy():
 
 
 def test_cli_distils_a_pruned_gated_deltanet_and_saves_a_plain_checkpoint(packed_wikipedia, tmp_path, capsys):
-    from keyred.checkpoints import load_checkpoint, new_info, save_checkpoint
+    from keyred.checkpoints import new_info, save_checkpoint
+    from keyred.fla.models import load_checkpoint
     from keyred.fla.families import key_head_dim
     from keyred.data.packing import PackedTokens
     from keyred.data.tokenizer import load_tokenizer

@@ -18,7 +18,7 @@ from fla.ops.delta_rule import fused_recurrent_delta_rule  # noqa: E402
 
 from keyred.bench.timing import capture_cuda_graph  # noqa: E402
 from keyred.fla.models import build_model  # noqa: E402
-from keyred.kernels.cuda.decode_launch import decode_launch  # noqa: E402
+from keyred.fla.launch.decode_launch import decode_launch  # noqa: E402
 
 
 def _inputs(batch, heads, key_dim, value_dim, seed=0):

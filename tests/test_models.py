@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from keyred.checkpoints import CheckpointError, load_checkpoint, new_info, read_info, save_checkpoint
+from keyred.checkpoints import CheckpointError, new_info, read_info, save_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.fla.families import (FAMILIES, REGISTRY, ModelSpecError, architecture, head_dim_fields, key_head_dim,
                                   value_head_dim, with_key_dim)
 from keyred.fla.models import (BLOCK_CLASSES, CONFIG_CLASSES, LAYER_CLASSES, MODEL_CLASSES, attention_layers,

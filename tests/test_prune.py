@@ -318,7 +318,8 @@ def checkpoints(models, packed, tmp_path_factory):
 
 
 def test_checkpoint_metadata(checkpoints, models, tokens):
-    from keyred.checkpoints import load_checkpoint, read_info
+    from keyred.checkpoints import read_info
+    from keyred.fla.models import load_checkpoint
 
     for family, folders in checkpoints.items():
         info = read_info(folders.once)

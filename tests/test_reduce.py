@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from keyred.checkpoints import (LORA, PRUNED, REDUCED_STAGES, CheckpointError, load_checkpoint, new_info,
-                                ratio_folder, reduced_checkpoint, reduced_checkpoints, reduction_table_path,
-                                save_checkpoint)
+from keyred.checkpoints import LORA, PRUNED, REDUCED_STAGES, CheckpointError, new_info, ratio_folder, reduced_checkpoint, reduced_checkpoints, reduction_table_path, save_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError, validate_config
 from keyred.fla.families import key_head_dim
 from keyred.fla.models import build_model

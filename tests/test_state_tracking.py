@@ -263,7 +263,7 @@ def test_state_tracking_learns_on_the_gpu_with_fla_kernels():
 
 
 def test_cli_writes_checkpoint_and_tables(tmp_path, capsys):
-    from keyred.checkpoints import load_checkpoint
+    from keyred.fla.models import load_checkpoint
 
     spec = {"model": {"num_householder": 2, "allow_neg_eigval": False},
             "train": {"group": "Z3", "train_length": 12, "test_length": 8, "batch_size": 8, "steps": 4,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from keyred.checkpoints import load_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError, section_settings
 from keyred.fla.families import FAMILIES
 from keyred.training.batches import BatchOrder

@@ -27,7 +27,7 @@ import torch
 from keyred.analysis.measures import RankTrace, replay
 from keyred.analysis.recording import LayerRecord, collect_recurrence, stack_records
 from keyred.analysis.sources import Source
-from keyred.checkpoints import load_checkpoint
+from keyred.fla.models import load_checkpoint
 
 __all__ = ["COLUMNS", "analyse_checkpoint", "analyse_model", "rank_table"]
 

@@ -8,8 +8,8 @@ kernels, CUDA tensors) or 'keyred-torch' (keyred.fla.backend's torch kernels off
 
 Launch (CUDA only): 'keyred' runs fla's kernels with keyred's choices, 'fla' with fla's own, so
 the two can be compared: DeltaNet's fused-recurrent forward through
-keyred.kernels.cuda.decode_launch (an autotuned launch) and DeltaNet's chunked op without autograd
-through keyred.kernels.cuda.chunk_launch (chunks of 32 tokens for d_k <= 64). The `launch` column
+keyred.fla.launch.decode_launch (an autotuned launch) and DeltaNet's chunked op without autograd
+through keyred.fla.launch.chunk_launch (chunks of 32 tokens for d_k <= 64). The `launch` column
 says which, e.g. 'cuda-graph, keyred, chunk 32'.
 """
 
@@ -26,8 +26,8 @@ import keyred.fla.models  # noqa: F401  (fla's model types; keyred's CPU seam is
 from keyred.bench.plan import check_launch
 from keyred.fla.patching import patched
 from keyred.fla.sites import DELTA_RULE_OPS, Site
-from keyred.kernels.cuda.chunk_launch import chunk_launch, chunk_size_for
-from keyred.kernels.cuda.decode_launch import decode_launch
+from keyred.fla.launch.chunk_launch import chunk_launch, chunk_size_for
+from keyred.fla.launch.decode_launch import decode_launch
 
 
 @dataclasses.dataclass(frozen=True)

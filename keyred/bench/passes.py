@@ -105,7 +105,7 @@ def measure_decoding(model, prompt: torch.Tensor, steps: int, timing: Timing, de
     With cuda_graph, one decode step (forward, argmax, next ids) is captured in a CUDA graph after
     three eager steps and replayed `steps` times, so the time is the GPU's alone, without Python
     and kernel-launch overhead. The replays chain because the state is updated in place
-    (keyred.kernels.cuda.decode_launch, in_place=True) and the conv caches are updated in place by fla.
+    (keyred.fla.launch.decode_launch, in_place=True) and the conv caches are updated in place by fla.
     """
     last = {}
 

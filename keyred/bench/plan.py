@@ -16,15 +16,15 @@ from typing import Any
 from keyred.bench.errors import BenchmarkError
 from keyred.bench.shapes import ModelShape, shapes_from_options
 from keyred.bench.spec import KINDS
-from keyred.checkpoints import CheckpointError, reduced_checkpoints
+from keyred.checkpoints import PRUNED, CheckpointError, reduced_checkpoints
 from keyred.config import is_int
 from keyred.fla.families import DEFAULT_VOCAB_SIZE, FAMILIES, SIZES
-from keyred.kernels.cuda.decode_launch import LAUNCHES
+from keyred.fla.sites import LAUNCHES
 
 PASSES = ("forward", "forward+backward")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ELEMENT_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-REDUCED_STAGE = "pruned"  # the checkpoint of each ratio of a reduction folder that --reductions benchmarks
+REDUCED_STAGE = PRUNED  # the checkpoint of each ratio of a reduction folder that --reductions benchmarks
 
 _CHECKPOINT_KINDS = ("model", "decode")
 _ONE_BATCH_KINDS = ("model", "mixer")

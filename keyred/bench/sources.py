@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from keyred.bench.errors import BenchmarkError
 from keyred.bench.shapes import ModelShape, config_fields
-from keyred.checkpoints import METADATA_FILE, CheckpointError, load_checkpoint, pruning_of, read_info
+from keyred.checkpoints import METADATA_FILE, CheckpointError, pruning_of, read_info
+from keyred.fla.models import load_checkpoint
 from keyred.fla.families import FAMILIES, REGISTRY, key_head_dim, value_head_dim
 from keyred.fla.models import CONFIG_CLASSES
 

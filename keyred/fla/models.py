@@ -7,16 +7,19 @@ Importing this module imports fla (slow: ~8 s) and installs keyred's CPU kernels
 from __future__ import annotations
 
 import importlib
+import re
+from pathlib import Path
 
 import fla.models as fla_models  # noqa: F401  (registers the model types with transformers)
 import torch
 from transformers import AutoModelForCausalLM
 
+from keyred.checkpoints import METADATA_FILE, CheckpointError, check_local_checkpoint, new_info, read_info
 from keyred.fla.backend import use_torch_kernels_off_gpu
-from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, architecture
+from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, architecture, check_family
 
 __all__ = ["BLOCK_CLASSES", "CONFIG_CLASSES", "LAYER_CLASSES", "MODEL_CLASSES", "attention_layers",
-           "build_model", "count_parameters", "fla_class", "fla_models", "model_config"]
+           "build_model", "count_parameters", "fla_class", "fla_models", "load_checkpoint", "model_config"]
 
 use_torch_kernels_off_gpu()
 
@@ -59,3 +62,30 @@ def count_parameters(model, include_embeddings: bool = True) -> int:
         return total
     embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
     return total - embedding
+
+
+def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
+    """Load a local keyred/fla checkpoint or a hub model name; return (model, info).
+
+    Hub models (e.g. 'fla-hub/delta_net-1.3B-100B') need network access; their info has
+    size None and stage 'hub'.
+    """
+    path = Path(name_or_path)
+    local = path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))
+    if local:
+        family = check_local_checkpoint(path)
+        info = read_info(path) if (path / METADATA_FILE).exists() else new_info(family, None, stage="external")
+        source = str(path)
+    else:
+        info, source = None, str(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    except OSError as error:
+        where = f"checkpoint {source}" if local else f"hub model {source} (needs network access)"
+        raise CheckpointError(f"could not load {where}: {error}") from None
+    except Exception as error:  # corrupt safetensors, shape mismatches
+        raise CheckpointError(f"could not load checkpoint {source}: {type(error).__name__}: {error}") from None
+    if info is None:
+        info = new_info(model.config.model_type, None, stage="hub", parent=source)
+        check_family(info.family)
+    return model.to(device).eval(), info

@@ -9,14 +9,14 @@ keyred does with it; every use of a site derives from this table:
   a feature keyred has no torch code for (NotImplementedError off the GPU, naming `refused_in`).
 - `family`: a delta-rule op that family's layer calls; keyred.bench records which of them ran and
   keyred.analysis.recording captures their inputs.
-- `chunk_launch` / `decode_launch`: where keyred.kernels.cuda puts its launch choices.
+- `chunk_launch` / `decode_launch`: where keyred.fla.launch puts its launch choices.
 
 How the replacements stack. keyred.fla.patching makes every replacement, and each one wraps
 whatever the site holds at that moment, so they nest in the order they are made, innermost first:
 
 1. the CPU seam (keyred.fla.backend.use_torch_kernels_off_gpu), installed at import of
    keyred.fla.models and never removed: a dispatcher around fla's own function;
-2. launch choices (keyred.kernels.cuda.chunk_launch / decode_launch), for a `with` block: they
+2. launch choices (keyred.fla.launch.chunk_launch / decode_launch), for a `with` block: they
    wrap the dispatcher (chunk_launch) or stand in for fla's launcher (decode_launch);
 3. recorders and spies (keyred.bench's kernel record, keyred.analysis.recording), for a `with`
    block, outermost: they wrap the launch choice.
@@ -46,8 +46,8 @@ class Site:
     refuse: str | None = None      # the feature a NotImplementedError names off the GPU ...
     refused_in: str | None = None  # ... and the fla class whose code makes that call
     family: str | None = None      # the family whose layer calls this delta-rule op
-    chunk_launch: bool = False     # a chunked op that takes chunk_size (keyred.kernels.cuda.chunk_launch)
-    decode_launch: bool = False    # fla's fused-recurrent forward launcher (keyred.kernels.cuda.decode_launch)
+    chunk_launch: bool = False     # a chunked op that takes chunk_size (keyred.fla.launch.chunk_launch)
+    decode_launch: bool = False    # fla's fused-recurrent forward launcher (keyred.fla.launch.decode_launch)
 
     @property
     def where(self) -> str:
@@ -113,5 +113,8 @@ SITES: tuple[Site, ...] = (
 
 CPU_SITES = tuple(site for site in SITES if site.cpu or site.refuse)        # the seam (keyred.fla.backend)
 DELTA_RULE_OPS = tuple(site for site in SITES if site.family)              # recorded by bench and analysis
-CHUNK_LAUNCH_SITES = tuple(site for site in SITES if site.chunk_launch)    # keyred.kernels.cuda.chunk_launch
-(DECODE_LAUNCH_SITE,) = (site for site in SITES if site.decode_launch)     # keyred.kernels.cuda.decode_launch
+CHUNK_LAUNCH_SITES = tuple(site for site in SITES if site.chunk_launch)    # keyred.fla.launch.chunk_launch
+(DECODE_LAUNCH_SITE,) = (site for site in SITES if site.decode_launch)     # keyred.fla.launch.decode_launch
+
+# The launch choices keyred.fla.launch offers: keyred's, or fla's own (to compare against).
+LAUNCHES = ("keyred", "fla")

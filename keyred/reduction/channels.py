@@ -11,14 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from fla.layers import DeltaNet, GatedDeltaNet, GatedDeltaProduct
 
-KEY_LAYER_CLASSES = (DeltaNet, GatedDeltaNet, GatedDeltaProduct)
-
-
-def key_layers(model) -> list[tuple[str, object]]:
-    """(module name, layer) of every DeltaNet / GatedDeltaNet / GatedDeltaProduct layer, in order."""
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, KEY_LAYER_CLASSES)]
 
 
 def key_steps(layer) -> int:

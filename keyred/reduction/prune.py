@@ -14,12 +14,13 @@ import dataclasses
 import time
 from pathlib import Path
 
-from keyred.checkpoints import load_checkpoint, new_info, pruning_of, save_checkpoint
+from keyred.checkpoints import new_info, pruning_of, save_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import require
 from keyred.data.packing import check_vocabulary
 from keyred.data.tokenizer import TOKENIZER_FILES, load_tokenizer
 from keyred.reduction.calibration import calibration_windows
-from keyred.reduction.channels import key_layers
+from keyred.fla.models import attention_layers
 from keyred.reduction.methods import PruneSettings, check_prunable, checkpoint_key_dim, new_key_dim
 from keyred.reduction.selection import select_channels
 from keyred.reduction.surgery import apply_selection, pca_conv_error
@@ -31,7 +32,7 @@ def prune_model(model, settings: PruneSettings, packed: str | Path | None = None
     start = time.perf_counter()
     key_dim = check_prunable(model.config)
     count = new_key_dim(key_dim, settings.ratio, settings.round_to)
-    layers = key_layers(model)
+    layers = attention_layers(model)
     log(f"[prune] {settings.method} at ratio {settings.ratio}: d_k {key_dim} -> {count} in {len(layers)} layers")
     used = settings.calibration_count if count < key_dim else 0
     windows = None

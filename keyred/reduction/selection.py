@@ -14,7 +14,8 @@ import torch
 
 from keyred.config import require
 from keyred.reduction.calibration import activation_statistics, taylor_gradients
-from keyred.reduction.channels import by_head, key_layers, weights_by_head
+from keyred.fla.models import attention_layers
+from keyred.reduction.channels import by_head, weights_by_head
 from keyred.reduction.methods import DATA_FREE_METHODS, PruneSettings
 from keyred.reduction.rrqr import strong_rrqr
 
@@ -90,7 +91,7 @@ def select_channels(model, settings: PruneSettings, count: int, windows: np.ndar
                     device: str = "cpu", log=print) -> Selection:
     """The method's choice of `count` = d_k' channels (or PCA directions) per layer and head;
     `windows` [N, L]: calibration token ids, needed by drrqr, pca, wanda and taylor."""
-    layers = key_layers(model)
+    layers = attention_layers(model)
     key_dim = layers[0][1].head_k_dim
     method = settings.method
     model.eval()

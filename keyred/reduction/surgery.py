@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 
 from keyred.fla.families import with_key_dim
 from keyred.reduction.calibration import run_with_hooks
-from keyred.reduction.channels import key_features, key_layers, project_channels
+from keyred.fla.models import attention_layers
+from keyred.reduction.channels import key_features, project_channels
 from keyred.reduction.methods import PruneSettings
 from keyred.reduction.selection import Selection
 
@@ -34,7 +35,7 @@ def apply_selection(model, selection: Selection, key_dim: int):
     """A new model of the same family with head key dim `key_dim`: q_proj / k_proj rows and
     q_conv1d / k_conv1d channels (weights and biases) transformed, every other tensor copied."""
     state = model.state_dict()
-    for (name, layer), transforms in zip(key_layers(model), selection.transforms):
+    for (name, layer), transforms in zip(attention_layers(model), selection.transforms):
         for which in ("q", "k"):
             weight = f"{name}.{which}_proj.weight"
             state[weight] = transform_rows(state[weight], transforms, layer.num_heads)
@@ -54,7 +55,7 @@ def pca_conv_error(model, pruned, selection: Selection, windows: np.ndarray, set
                    device: str, log) -> dict:
     """Relative error ||T f(x) - f'(T x)|| / ||T f(x)|| per layer for q and k: f the old SiLU short
     conv, f' the new mixed one, x the old q/k projections on the calibration windows [N, L]."""
-    layers, new_layers = key_layers(model), key_layers(pruned)
+    layers, new_layers = attention_layers(model), attention_layers(pruned)
     sums = {which: torch.zeros(len(layers), 2, dtype=torch.float64) for which in ("q", "k")}
 
     def record(index, which, rows, inputs, outputs):

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 
 from keyred import io
-from keyred.checkpoints import (LORA, PRUNED, load_checkpoint, new_info, ratio_folder, reduced_checkpoint,
-                                reduction_table_path, save_checkpoint)
+from keyred.checkpoints import LORA, PRUNED, new_info, ratio_folder, reduced_checkpoint, reduction_table_path, save_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError, section_settings
 from keyred.data.corpus import read_documents
 from keyred.data.tokenizer import load_tokenizer

@@ -22,7 +22,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from keyred import io
-from keyred.checkpoints import CheckpointError, load_checkpoint
+from keyred.checkpoints import CheckpointError
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, read_spec
 from keyred.device import torch_device

@@ -26,7 +26,8 @@ from pathlib import Path
 import pandas as pd
 
 from keyred import io
-from keyred.checkpoints import CheckpointError, load_checkpoint, new_info, read_info, save_checkpoint
+from keyred.checkpoints import CheckpointError, new_info, read_info, save_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, progress, read_spec
 from keyred.data.packing import check_vocabulary

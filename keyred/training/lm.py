@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from keyred.checkpoints import load_checkpoint
+from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError
 from keyred.data.packing import PackedTokens, check_vocabulary
 from keyred.device import mixed_precision

@@ -1,5 +1,4 @@
 # Configuration check, path helpers, wildcard constraints and target lists. No rules here.
-import json
 import os
 import sys
 

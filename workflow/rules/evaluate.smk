@@ -12,7 +12,7 @@ rule evaluate_lm:
         results=model_path("{model}", "evaluation.csv"),
         extrapolation=model_path("{model}", "length_extrapolation.csv"),
     params:
-        spec=json.dumps(config["evaluate"], sort_keys=True),
+        spec=evaluate_spec(),
         context=config["train"]["seq_len"],
         device=config["device"],
         code=code_digest("keyred.stages.evaluate"),

@@ -35,11 +35,10 @@ import torch
 import triton
 
 from keyred.fla import patching
-from keyred.fla.sites import DECODE_LAUNCH_SITE
+from keyred.fla.sites import DECODE_LAUNCH_SITE, LAUNCHES
 
 __all__ = ["LAUNCHES", "LAUNCH_CONFIGS", "decode_launch", "tuned_fused_recurrent_delta_rule_fwd"]
 
-LAUNCHES = ("keyred", "fla")
 
 # (value-tile width BV, num_warps) the autotuner tries; fla's fixed choice is (8, 1).
 LAUNCH_CONFIGS: tuple[tuple[int, int], ...] = tuple(

@@ -30,8 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from keyred.fla.patching import patched
-from keyred.fla.sites import CHUNK_LAUNCH_SITES, Site
-from keyred.kernels.cuda.decode_launch import LAUNCHES
+from keyred.fla.sites import CHUNK_LAUNCH_SITES, LAUNCHES, Site
 
 __all__ = ["CHUNKED_OPS", "FLA_CHUNK_SIZE", "SMALL_KEY_CHUNK_SIZE", "SMALL_KEY_DIM", "chunk_launch", "chunk_size_for"]
 

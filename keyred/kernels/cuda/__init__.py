@@ -1,1 +1,0 @@
-"""keyred's launch choices for fla's CUDA kernels."""
