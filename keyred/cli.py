@@ -28,6 +28,7 @@ from keyred.bench.spec import KINDS as BENCH_KINDS, bench_spec
 from keyred.checkpoints import reduced_checkpoint
 from keyred.config import ConfigError, load_config
 from keyred.console import bad_input
+from keyred.reduction.methods import check_reduction_limits
 
 STAGES = ("corpus", "tokenizer", "packing", "word_problems", "train", "finetune", "track", "evaluate",
           "prune", "reduce", "analyse", "bench")
@@ -104,7 +105,8 @@ def _train(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> li
     return (["--name", model, "--spec", specs.train_spec(config, model)] + _torch_options(config)
             + ["--packed", layout.data("packed"), "--tokenizer", layout.data("tokenizer"),
                "--out", layout.model(model, "checkpoint"), "--losses", layout.model(model, "train_loss.csv"),
-               "--resume-dir", layout.model(model, "resume")])
+               "--resume-dir", layout.model(model, "resume"),
+               "--heldout-windows", *str(specs.heldout_windows(config)).split()])
 
 
 def _evaluate(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
@@ -134,8 +136,10 @@ def _track(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> li
     run = RUN_NAME.fullmatch(_chosen(choice.run, "--run", names, "state-tracking run")).groupdict()
     return (["--spec", specs.tracking_spec(config, run["group"], int(run["n_h"]), run["eig"], int(run["layers"]),
                                            int(run["seed"]))] + _torch_options(config)
-            + ["--out", layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"]),
-               "--resume-dir", layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"],
+            + ["--out", layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"])]
+            + [word for name in specs.tracking_data_sets(config)
+               for word in (f"--{name}-data", layout.word_problems(run["group"], run["seed"], f"{name}.csv"))]
+            + ["--resume-dir", layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"],
                                                    "resume")])
 
 
@@ -193,6 +197,7 @@ def config_arguments(stage: str, config: dict, choice: argparse.Namespace) -> li
         raise ConfigError(f"keyred {stage} has no --config mode; give its options (keyred {stage} --help). "
                           f"--config builds the options of: {', '.join(CONFIG_STAGES)}")
     specs.check_config(config)
+    check_reduction_limits(config)
     return CONFIG_STAGES[stage](config, specs.layout(config), choice)
 
 

@@ -1,7 +1,11 @@
 """Atomic outputs: a file or folder appears under its final name only once it is complete.
 
 Everything a stage writes goes through these helpers, so an interrupted job never leaves a
-result that looks finished.
+result that looks finished. A job killed outright (SIGKILL, or SIGTERM without a handler) cannot
+remove its hidden temporary siblings (`.<name>.XXXXXXXX<suffix>.tmp`, and `.<name>.XXXXXXXX.old`
+while a folder is being replaced); the next atomic write of the same output removes them first.
+Only names of exactly that pattern are touched (XXXXXXXX: tempfile's 8 random characters), so
+the temporaries of other outputs in the same folder are left alone.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,8 +27,35 @@ def _default_mode(base: int) -> int:
     return base & ~umask
 
 
+def stale_siblings(path: str | Path) -> list[Path]:
+    """The temporary siblings that atomic_file / atomic_dir of `path` create, left by a killed job."""
+    path = Path(path)
+    suffixes = "|".join(sorted({re.escape(f"{path.suffix}.tmp"), re.escape(".tmp"), re.escape(".old")}))
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}(?:{suffixes})")
+    if not path.parent.is_dir():
+        return []
+    return sorted(sibling for sibling in path.parent.iterdir() if pattern.fullmatch(sibling.name))
+
+
+def remove_stale_siblings(path: str | Path) -> list[Path]:
+    """Delete the temporary siblings of `path` a killed job left behind (files and folders); return them.
+
+    Called when a new atomic write of `path` starts: one job writes one output at a time (Snakemake
+    runs one job per output), so a sibling that exists then belongs to an earlier, dead attempt.
+    """
+    removed = []
+    for sibling in stale_siblings(path):
+        if sibling.is_dir() and not sibling.is_symlink():
+            shutil.rmtree(sibling, ignore_errors=True)
+        else:
+            sibling.unlink(missing_ok=True)
+        removed.append(sibling)
+    return removed
+
+
 def _temporary_sibling(path: Path, suffix: str = "") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f"{suffix}.tmp", dir=path.parent)
     os.close(fd)
     os.chmod(name, _default_mode(0o666))  # mkstemp makes 0600; results are for others to read too
@@ -47,6 +79,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder; it replaces `path` (whole) if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(tmp, _default_mode(0o777))
     try:

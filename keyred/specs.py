@@ -17,6 +17,8 @@ from keyred.config import require
 
 # The state-tracking sweep's eigenvalue ranges (config values) by the name used in paths and wildcards.
 EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
+# The keys of state_tracking.train that decide a run's word problems (with its group and seed).
+TRACKING_DATA_KEYS = ("train_length", "test_length", "train_samples", "val_samples", "test_samples")
 
 
 class Layout:
@@ -46,6 +48,10 @@ class Layout:
         """One run of the state-tracking sweep; eig is a key of EIGENVALUE_RANGES (pos, neg)."""
         return self.path("state_tracking", group, f"nh{n_h}_{eig}_L{layers}", f"seed{seed}", *parts)
 
+    def word_problems(self, group: str, seed: Any, *parts: Any) -> str:
+        """The word-problem files of the state-tracking runs of one group and seed (every model reads them)."""
+        return self.data("word_problems", group, f"seed{seed}", *parts)
+
     def bench(self, *parts: Any) -> str:
         return self.path("bench", *parts)
 
@@ -68,6 +74,33 @@ def check_config(config: dict) -> None:
     # the ratio whose checkpoints the state-rank figures show over time must be one that is reduced
     require(not reduction["methods"] or analysis["ratio"] in reduction["ratios"], "analysis.ratio",
             f"{analysis['ratio']} is not one of reduction.ratios ({', '.join(map(str, reduction['ratios']))})")
+    # a state-tracking run refuses a warm-up that never ends (keyred.tracking.spec): say so before any job
+    tracking = config["state_tracking"]["train"]
+    require(tracking["warmup_steps"] < tracking["steps"], "state_tracking.train.warmup_steps",
+            f"must be below state_tracking.train.steps ({tracking['steps']}), got {tracking['warmup_steps']}")
+
+
+class CheckOnly:
+    """A rule param that its job reads only to refuse a bad input early, never to compute an output.
+    Not a plain value, so Snakemake does not record it (as with the interpreter's Path): changing it
+    re-runs nothing. Formats as `text` in a shell command."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"CheckOnly({self.text!r})"
+
+
+def heldout_windows(config: dict) -> CheckOnly:
+    """The training job's --heldout-windows: the length-extrapolation windows (evaluate's factor and
+    sequences) that evaluating the model will read from the test split, so that a seq_len too long
+    for the split fails before training, not after it (keyred.stages.train)."""
+    evaluate = config["evaluate"]
+    return CheckOnly(f"{evaluate['extrapolation_factor']} {evaluate['extrapolation_sequences']}")
 
 
 def layout(config: dict) -> Layout:
@@ -117,6 +150,18 @@ def tracking_run_spec(tracking: dict, group: str, n_h: int, allow_neg_eigval: bo
 def tracking_spec(config: dict, group: str, n_h: int, eig: str, layers: int, seed: int) -> str:
     """The spec of one state-tracking run; eig is a key of EIGENVALUE_RANGES (pos, neg)."""
     return spec_json(tracking_run_spec(config["state_tracking"], group, n_h, eig == "neg", layers, seed))
+
+
+def tracking_data_spec(config: dict, group: str, seed: int) -> str:
+    """The spec of the data job of one group and seed: the train keys that decide its word problems."""
+    train = config["state_tracking"]["train"]
+    return spec_json({"group": group, "seed": seed, **{key: train[key] for key in TRACKING_DATA_KEYS}})
+
+
+def tracking_data_sets(config: dict) -> list[str]:
+    """The word-problem files (stems) of every run, as keyred.tracking.spec.word_problem_sets
+    names them: train only when train_samples > 0, then validation and test."""
+    return (["train"] if config["state_tracking"]["train"]["train_samples"] else []) + ["validation", "test"]
 
 
 def tracking_runs(config: dict) -> list[dict]:

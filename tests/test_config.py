@@ -243,6 +243,15 @@ def code_constant(name, module):
     return getattr(importlib.import_module(module), name)
 
 
+def schema_node(path):
+    """The schema at a dotted path; '*' is a mapping's entries, '[]' an array's items."""
+    node = load_schema()
+    for part in path.split("."):
+        key = {"*": "additionalProperties", "[]": "items"}.get(part)
+        node = node[key] if key else node["properties"][part]
+    return node
+
+
 ENUMERATIONS = [   # (schema path, the code's constant as (name, module))
     ("device", ("DEVICES", "keyred.console")),
     ("models.*.family", ("FAMILIES", "keyred.fla.families")),

@@ -21,7 +21,7 @@ def test_train_stage_sources_follow_imports_transitively():
 def test_data_stage_sources_are_the_stage_and_its_library():
     assert names("keyred.stages.packing") == {
         "__init__.py", "stages/__init__.py", "stages/packing.py", "config.py", "console.py", "io.py",
-        "data/__init__.py", "data/packing.py", "data/tokenizer.py", "data/corpus.py"}
+        "data/__init__.py", "data/packing.py", "data/tokenizer.py", "data/corpus.py", "provenance.py"}
 
 
 def test_figures_stage_does_not_depend_on_models():

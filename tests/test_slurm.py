@@ -160,8 +160,8 @@ def test_dag_through_slurm_equals_local_run(cluster, local_results, tmp_path):
     snakemake(workdir, *slurm_args(), env=cluster)
     jobs = submitted(main_log(workdir))
     rules = sorted(rule for rule, _ in jobs)
-    assert rules == sorted(["corpus", "tokenizer", "packing", "train_lm", "training_loss_table", "evaluate_lm",
-                            "evaluation_tables", "reduce", "reduction_tables"]), jobs
+    # the table and figure rules are local rules: they run on this host, not through sbatch
+    assert rules == sorted(["corpus", "tokenizer", "packing", "train_lm", "evaluate_lm", "reduce"]), jobs
     assert len({slurm_id for _, slurm_id in jobs}) == len(jobs)
     # every job left its SLURM log, named by its SLURM job id, in the plugin's log folder
     logs = {int(path.stem) for path in (workdir / ".snakemake" / "slurm_logs").rglob("*.log")}

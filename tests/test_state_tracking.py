@@ -246,9 +246,9 @@ def test_resume_state_of_other_settings_or_unreadable_is_refused(tmp_path):
     train_state_tracking(model, training, log=quiet, resume_dir=resume)     # leaves the state of step 2 behind
     with pytest.raises(ConfigError, match=r"state.pt was written by a run with other settings.*delete .*resume to"):
         train_state_tracking(model, dataclasses.replace(training, lr=1e-2), log=quiet, resume_dir=resume)
-    (resume / "state.pt").write_bytes(b"not a state")
-    with pytest.raises(ConfigError, match=r"state.pt is not a readable resume state .*; delete .*resume to start"):
-        train_state_tracking(model, training, log=quiet, resume_dir=resume)
+    (resume / "state.pt").write_bytes(b"not a state")                  # set aside, and the run starts afresh
+    train_state_tracking(model, training, log=quiet, resume_dir=resume)
+    assert (resume / "state.pt.corrupt").read_bytes() == b"not a state"
 
 
 @pytest.mark.gpu
@@ -295,3 +295,57 @@ def test_cli_bad_group_fails_before_training(tmp_path, capsys):
     spec = {"train": {"group": "S9"}}
     assert main(["--spec", json.dumps(spec), "--out", str(tmp_path / "run")]) == 2
     assert "too large" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------- word problems as files
+
+def test_runs_read_from_the_data_files_equal_runs_that_generate_them(tmp_path):
+    """The data stage writes exactly the sets a run generates (train only with train_samples > 0),
+    and a run that reads them ends exactly as one that generates them."""
+    import torch
+
+    from keyred.data.word_problems import read_word_problems
+    from keyred.stages.word_problems import main as write_data
+    from keyred.tracking.spec import word_problem_sets
+    from keyred.tracking.training import word_problem_set
+
+    train = dict(train_length=6, test_length=10, batch_size=8, steps=6, eval_every=3, val_samples=20,
+                 test_samples=30, train_samples=24, early_stop_accuracy=1.1, seed=2)
+    model, training = run_settings("S3", {"num_householder": 2}, **train)
+    assert write_data(["--spec", json.dumps({"group": "S3", **train}), "--out-dir", str(tmp_path / "data")]) == 0
+    assert sorted(path.name for path in (tmp_path / "data").iterdir()) == ["test.csv", "train.csv", "validation.csv"]
+    group = build_group("S3")
+    for name, wanted in word_problem_sets(training).items():
+        for read, generated in zip(read_word_problems(tmp_path / "data" / f"{name}.csv", group),
+                                   word_problem_set(group, wanted, name)):
+            assert np.array_equal(read, generated) and read.dtype == generated.dtype, name
+
+    quiet = lambda message: None                                        # noqa: E731
+    files = {name: tmp_path / "data" / f"{name}.csv" for name in ("train", "validation", "test")}
+    generated = run_state_tracking(model, training, log=quiet)
+    read = run_state_tracking(model, training, log=quiet, data=files)
+    timing = ["tokens_per_s", "elapsed_s"]
+    pd.testing.assert_frame_equal(read[3].drop(columns=timing), generated[3].drop(columns=timing))
+    pd.testing.assert_frame_equal(read[1], generated[1])
+    for weight, expected in zip(read[0].model.state_dict().values(), generated[0].model.state_dict().values()):
+        assert torch.equal(weight, expected)
+
+    assert write_data(["--spec", json.dumps({"group": "S3", **train, "train_samples": 0}),
+                       "--out-dir", str(tmp_path / "fresh")]) == 0     # fresh draws every step: no training file
+    assert sorted(path.name for path in (tmp_path / "fresh").iterdir()) == ["test.csv", "validation.csv"]
+
+
+def test_data_files_of_other_settings_are_refused_before_training(tmp_path, capsys):
+    from keyred.stages.word_problems import main as write_data
+
+    train = {"train_length": 4, "test_length": 6, "val_samples": 8, "test_samples": 8, "batch_size": 4, "steps": 2}
+    write_data(["--spec", json.dumps({"group": "Z3", "seed": 1, **train}), "--out-dir", str(tmp_path / "seed1")])
+    spec = json.dumps({"train": {"group": "Z3", "seed": 0, **train}})
+    arguments = ["--spec", spec, "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main([*arguments, "--test-data", str(tmp_path / "seed1" / "test.csv")]) == 2
+    error = capsys.readouterr().err
+    assert f"the test set {tmp_path / 'seed1' / 'test.csv'} holds 8 sequences of length 6 drawn with seed " \
+           f"2000004, but the run's settings ask for 8 of length 6 with seed 2000003" in error
+    assert main([*arguments, "--train-data", str(tmp_path / "seed1" / "test.csv")]) == 2
+    assert "train.train_samples is 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

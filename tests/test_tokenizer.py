@@ -48,7 +48,7 @@ def test_bpe_vocabulary_and_special_tokens(wikipedia, offline):
     assert tokenizer.pad_token is None
     assert tokenizer("Some text.")["input_ids"] == tokenizer("Some text.", add_special_tokens=False)["input_ids"]
     assert info["settings"] == {"kind": "bpe", "vocab_size": 4096, "min_frequency": 2,
-                                "hub_name": "fla-hub/transformer-1.3B-100B"}
+                                "hub_name": "fla-hub/transformer-1.3B-100B", "hub_revision": None}
     assert json.loads((root / "tokenizer" / "tokenizer_info.json").read_text()) == info
 
 

@@ -71,12 +71,12 @@ def test_dry_run_lists_exactly_the_expected_jobs(workdir):
     result = snakemake(workdir, "-n", "--cores", "2")
     assert planned_jobs(result.stdout) == {"corpus": 1, "tokenizer": 1, "packing": 1, "train_lm": 2,
                                            "training_loss_table": 1, "evaluate_lm": 2, "evaluation_tables": 1,
-                                           "reduce": 14, "reduction_tables": 1,
+                                           "reduce": 14, "reduction_tables": 1, "state_tracking_data": 2,
                                            "state_tracking_run": 8, "state_tracking_tables": 1,
                                            "state_tracking_figures": 1, "bench_mixer": 1, "bench_decode": 1,
                                            "bench_models": 2, "bench_tables": 1, "state_rank_model": 16,
                                            "state_rank_tables": 1, "state_tracking_rank": 1,
-                                           "state_tracking_rank_figure": 1, "all": 1, "total": 59}
+                                           "state_tracking_rank_figure": 1, "all": 1, "total": 61}
 
 
 def figure_and_table_targets(workdir) -> list[str]:
@@ -114,9 +114,10 @@ def test_paper_state_tracking_config_plans_the_full_sweep(workdir):
     shutil.copytree(REPO / "configs", workdir / "configs", dirs_exist_ok=True)
     result = snakemake(workdir, "-n", "--cores", "2", "state_tracking",
                        "--configfile", "configs/state_tracking_paper.yaml", "--replace-workflow-config")
-    # 4 groups x n_h 1..4 x 2 eigenvalue ranges x 3 seeds
-    assert planned_jobs(result.stdout) == {"state_tracking_run": 96, "state_tracking_tables": 1,
-                                           "state_tracking_figures": 1, "state_tracking": 1, "total": 99}
+    # 4 groups x n_h 1..4 x 2 eigenvalue ranges x 3 seeds; the word problems of each group and seed
+    assert planned_jobs(result.stdout) == {"state_tracking_data": 12, "state_tracking_run": 96,
+                                           "state_tracking_tables": 1, "state_tracking_figures": 1,
+                                           "state_tracking": 1, "total": 111}
 
 
 @pytest.mark.parametrize("config, models", [("lm_paper_340M.yaml", 2), ("lm_hub_1.3B.yaml", 1)])
@@ -202,6 +203,71 @@ def test_every_rule_digests_the_code_it_runs():
     assert checked >= 10
 
 
+# ------------------------------------------------------------- Snakemake as the catalog expects
+
+# What `snakemake --lint` prints around its findings when there are none.
+LINT_NOTICES = ("Using workflow specific profile profiles/default for setting default command line arguments.",
+                "Congratulations, your workflow is in a good condition!")
+
+
+def test_snakemake_lint_finds_nothing(workdir):
+    result = snakemake(workdir, "--lint", check=False)
+    printed = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 0 and set(printed) <= set(LINT_NOTICES), "\n".join(printed)
+
+
+def test_snakefile_and_rules_are_snakefmt_formatted():
+    """`snakefmt --check` with the settings of pyproject.toml ([tool.snakefmt])."""
+    result = subprocess.run([sys.executable, "-m", "snakefmt", "--check", "--config", "pyproject.toml", "Snakefile",
+                             "workflow/rules"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, f"run `snakefmt Snakefile workflow/rules`:\n{result.stdout}{result.stderr}"
+
+
+def rule_blocks():
+    """(file name, rule name, text) of every rule of workflow/rules."""
+    for file in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        for block in re.split(r"^(?=rule \w+:)", file.read_text(), flags=re.MULTILINE)[1:]:
+            yield file.name, re.match(r"rule (\w+):", block)[1], block
+
+
+def test_every_rule_that_runs_something_has_a_log_a_benchmark_and_its_software():
+    """A log and a benchmark file (the same path under results/benchmarks/, .tsv), the conda
+    environment, and the interpreter as a param (the project's venv, or the environment's python
+    under --sdm conda); tables and figures (script rules) run on the submitting host."""
+    checked = set()
+    for file, name, block in rule_blocks():
+        if not re.search(r"^    (shell|script):", block, flags=re.MULTILINE):
+            continue
+        log = re.search(r"^    log:\n        log_path\((.*)\),\n", block, flags=re.MULTILINE)
+        benchmark = re.search(r"^    benchmark:\n        benchmark_path\((.*)\)\n", block, flags=re.MULTILINE)
+        assert log and benchmark, f"{file}: rule {name} needs a log and a benchmark"
+        assert benchmark[1] == re.sub(r'\.log"$', '.tsv"', log[1]), f"{file}: rule {name}: benchmark beside its log"
+        assert '    conda:\n        "../envs/keyred.yaml"\n' in block, f"{file}: rule {name}"
+        if "    shell:" in block:
+            assert "python=interpreter()" in block and re.search(r'"(exec )?\{params.python\} -m keyred\.stages\.',
+                                                                 block), name
+        else:
+            assert "    localrule: True\n" in block, f"{file}: rule {name} (tables and figures) should be local"
+        checked.add(name)
+    assert {"train_lm", "reduce", "state_rank_model", "bench_tables", "training_loss_table"} <= checked
+    snakefile = (REPO / "Snakefile").read_text()
+    targets = re.split(r"^(?=rule \w+:|    rule:)", snakefile, flags=re.MULTILINE)[1:]
+    assert len(targets) >= 9 and all("localrule: True\n" in target for target in targets)
+    assert (REPO / "workflow" / "envs" / "keyred.yaml").is_file()
+    assert (REPO / "workflow" / "envs" / "keyred.post-deploy.sh").is_file()
+
+
+def test_short_jobs_share_a_cluster_job_only_on_a_cluster(workdir):
+    """The state-rank jobs form group state_rank (the SLURM profile submits 8 per sbatch job);
+    a local run ignores groups and lists each job alone."""
+    grouped = {name for _, name, block in rule_blocks() if '    group:\n        "state_rank"\n' in block}
+    assert grouped == {"state_rank_model", "state_tracking_rank"}
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
+    assert profile["group-components"] == ["state_rank=8"]
+    result = snakemake(workdir, "-n", "--cores", "2", "--forceall", "state_rank")
+    assert planned_jobs(result.stdout)["state_rank_model"] == 16 and "group job" not in result.stdout
+
+
 # ------------------------------------------------------------- the plans before and after the redesign
 
 CONFIGS = {"default": (), **{path.stem: ("--configfile", f"configs/{path.name}", "--replace-workflow-config")
@@ -214,24 +280,54 @@ MODULE_PATHS = {"keyred.corpus": "keyred.stages.corpus", "keyred.tokenizer": "ke
 # Their commands changed to --spec on purpose; tests/test_bench.py compares those. Their outputs,
 # logs, wildcards and resources are compared here.
 BENCH_RULES = ("bench_mixer", "bench_decode", "bench_models")
-# Options added on purpose since the recording: a state-tracking run resumes after a kill.
-ADDED_OPTIONS = {"state_tracking_run": (r"--out (\S+) >", r"--out \1 --resume-dir \1/resume >")}
+# Options added on purpose since the recording: a state-tracking run resumes after a kill and reads
+# its word problems from the files of its group and seed (train only with train_samples > 0).
+ADDED_OPTIONS = {"state_tracking_run": (
+    r"--spec '(?P<spec>[^']*)'(?P<middle>.*) --out "
+    r"(?P<out>(?P<results>\S+)/state_tracking/(?P<group>\w+)/\S+/seed(?P<seed>\d+)) >",
+    lambda m: f"--spec '{m['spec']}'{m['middle']} --out {m['out']} " + "".join(
+        f"--{name}-data {m['results']}/data/word_problems/{m['group']}/seed{m['seed']}/{name}.csv "
+        for name in (["train"] if json.loads(m["spec"])["train"]["train_samples"] else []) + ["validation", "test"])
+    + f"--resume-dir {m['out']}/resume >")}
+# Added on purpose since the recording, with values of the config: a training job is told the
+# evaluation's length-extrapolation windows, to refuse a seq_len the test split cannot hold.
+ADDED_CONFIG_OPTIONS = {"train_lm": (
+    r"(?P<resume>--resume-dir \S+) >",
+    lambda m, config: f"{m['resume']} --heldout-windows {config['evaluate']['extrapolation_factor']} "
+                      f"{config['evaluate']['extrapolation_sequences']} >")}
+# Jobs added on purpose since the recording: the word problems of each group and seed.
+ADDED_RULES = ("state_tracking_data",)
+# Rules whose command starts with `exec` since the recording: a training's signals reach it directly.
+EXEC_RULES = ("train_lm", "state_tracking_run")
+# Config keys added on purpose since the recording, at their defaults: the hub revisions.
+ADDED_SPEC_KEYS = {"corpus": lambda spec: {**spec, "hub_revision": None},
+                   "tokenizer": lambda spec: {**spec, "hub_revision": None},
+                   "train_lm": lambda spec: {**spec, "model": {**spec["model"], "revision": None}}}
 RECORDED = REPO / "tests" / "data" / "dry_run_before"
 
 
-def with_new_module_paths(job: dict) -> dict:
-    """A job of a recorded plan with its stage module renamed by MODULE_PATHS and the ADDED_OPTIONS
-    (bench commands left out)."""
+def with_new_module_paths(job: dict, config: dict) -> dict:
+    """A job of a recorded plan with its stage module renamed by MODULE_PATHS, the ADDED_OPTIONS,
+    the ADDED_CONFIG_OPTIONS (of the plan's `config`) and the ADDED_SPEC_KEYS (bench commands left out)."""
     job = dict(job)
     if job["rule"] in BENCH_RULES:
         job.pop("command")
         return job
     if job["rule"] in ADDED_OPTIONS:
         job["command"] = re.sub(*ADDED_OPTIONS[job["rule"]], job["command"], count=1)
+    if job["rule"] in ADDED_CONFIG_OPTIONS:
+        pattern, added = ADDED_CONFIG_OPTIONS[job["rule"]]
+        job["command"] = re.sub(pattern, lambda m: added(m, config), job["command"], count=1)
+    if job["rule"] in ADDED_SPEC_KEYS:
+        spec = ADDED_SPEC_KEYS[job["rule"]](json.loads(re.search(r"--spec '([^']*)'", job["command"])[1]))
+        job["command"] = re.sub(r"--spec '[^']*'", lambda _: f"--spec '{json.dumps(spec, sort_keys=True)}'",
+                                job["command"], count=1)
     for old, new in MODULE_PATHS.items():
         if job["command"].startswith(f"PYTHON -m {old} "):
             job["command"] = job["command"].replace(f"PYTHON -m {old} ", f"PYTHON -m {new} ", 1)
             break
+    if job["rule"] in EXEC_RULES:
+        job["command"] = f"exec {job['command']}"
     return job
 
 
@@ -246,9 +342,10 @@ def plans(tmp_path_factory):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_dry_run_plan_equals_the_one_recorded_before_the_redesign(plans, name):
     """Jobs, outputs, logs, wildcards, resources and shell commands, modulo the stage module paths."""
-    recorded = [with_new_module_paths(job) for job in json.loads((RECORDED / f"{name}.json").read_text())]
+    recorded = [with_new_module_paths(job, workflow_config(name))
+                for job in json.loads((RECORDED / f"{name}.json").read_text())]
     planned = [{key: value for key, value in job.items() if not (key == "command" and job["rule"] in BENCH_RULES)}
-               for job in plans[name]]
+               for job in plans[name] if job["rule"] not in ADDED_RULES]
     assert [job["rule"] for job in planned] == [job["rule"] for job in recorded]
     for before, after in zip(recorded, planned):
         assert after == before
@@ -289,7 +386,7 @@ def test_keyred_config_mode_gives_the_workflow_commands(plans, name):
         stage, choose = CONFIG_JOBS[job["rule"]]
         wildcards = dict(pair.split("=") for pair in job.get("wildcards", "").split(", ") if pair)
         choice = argparse.Namespace(**{"model": None, "method": None, "run": None, "kind": None, **choose(wildcards)})
-        words = shlex.split(job["command"])
+        words = shlex.split(job["command"].removeprefix("exec "))
         assert words[:3] == ["PYTHON", "-m", f"keyred.stages.{stage}"] and words[-3] == ">" and words[-1] == "2>&1"
         assert config_arguments(stage, config, choice) == words[3:-3], job["rule"]
         compared.add(job["rule"])

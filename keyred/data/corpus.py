@@ -16,8 +16,10 @@ Sources (`CorpusSettings.source`):
   2.56 M characters, validation 5 / 0.22 M, test 5 / 0.08 M), in about 3 s. Licences: the
   Wikipedia text is CC BY-SA 3.0 / GFDL; the gensim package that ships it is LGPL-2.1.
 - `hub` (online only): `datasets.load_dataset(hub_dataset, hub_config, split=hub_split,
-  streaming=True)`, the text in `text_field`, streamed until the kept text reaches the
-  `token_budget` (required here).
+  revision=..., streaming=True)`, the text in `text_field`, streamed until the kept text reaches
+  the `token_budget` (required here). `hub_revision` (a branch, tag or commit; null: main) is
+  resolved to its commit sha first (keyred.provenance.hub_commit), which is what is read and what
+  corpus.json records as `hub_commit`.
 - `files`: local `.txt` files (each file is one document) and `.jsonl` files (one JSON object a
   line, one document each, the text in `text_field`).
 
@@ -30,7 +32,7 @@ source order. The same settings give identical files.
 
 The corpus folder holds `train.jsonl`, `validation.jsonl`, `test.jsonl` (one {"text": ...} a line)
 and `corpus.json` (settings, documents read and dropped, per split the documents, characters
-and the sha256 of its file).
+and the sha256 of its file; for source hub the commit sha read).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ import numpy as np
 
 from keyred.config import ConfigError, require, section_settings
 from keyred.io import atomic_dir, write_json
+from keyred.provenance import hub_commit
 
 SOURCES = ("wikipedia_sample", "hub", "files")
 FILE_SUFFIXES = (".txt", ".jsonl")
@@ -77,6 +80,7 @@ class CorpusSettings:
     hub_dataset: str
     hub_config: str | None
     hub_split: str
+    hub_revision: str | None
     text_field: str
     files: tuple[str, ...]
     token_budget: int | None
@@ -191,15 +195,22 @@ def _tidy(text: str) -> str:
     return text.strip()
 
 
-def open_hub_dataset(settings: CorpusSettings):
-    """The streaming hub dataset; ConfigError when it cannot be reached (offline runs, typos)."""
+def resolve_hub_dataset(settings: CorpusSettings) -> str | None:
+    """The commit sha of the hub dataset at `hub_revision` (None when offline and not cached)."""
+    return hub_commit(settings.hub_dataset, settings.hub_revision, repo_type="dataset",
+                      name_key="corpus.hub_dataset", revision_key="corpus.hub_revision")
+
+
+def open_hub_dataset(settings: CorpusSettings, commit: str | None = None):
+    """The streaming hub dataset at `commit` (else `hub_revision`); ConfigError when it cannot be
+    reached (offline runs, typos)."""
     try:
         import datasets
     except ModuleNotFoundError:
         raise ConfigError("source hub needs the datasets package (pip install datasets)") from None
     try:
         return datasets.load_dataset(settings.hub_dataset, settings.hub_config, split=settings.hub_split,
-                                     streaming=True)
+                                     revision=commit or settings.hub_revision, streaming=True)
     except OSError as error:                       # offline, unreachable, or no such dataset / config
         raise ConfigError(f"config key 'corpus.hub_dataset': cannot open {settings.hub_dataset} "
                           f"(config {settings.hub_config}, split {settings.hub_split}) on the Hub: {error}. "
@@ -264,15 +275,20 @@ def read_documents(path: str | Path) -> list[str]:
 # ------------------------------------------------------------------------------------ the stage
 
 def collect_documents(settings: CorpusSettings, log: Log = None) -> tuple[list[str], dict]:
-    """(kept documents in source order, counts: documents read and dropped as too short).
+    """(kept documents in source order, counts: documents read and dropped as too short, and for
+    source hub the commit sha read, `hub_commit`).
 
     Every check (the source can be opened, files exist) happens before documents are read.
     """
     log = log or (lambda message: None)
+    source = {}
     if settings.source == "wikipedia_sample":
         documents = read_wikipedia_sample(wikipedia_sample_path())
     elif settings.source == "hub":
-        documents = read_hub(open_hub_dataset(settings), settings)
+        source["hub_commit"] = resolve_hub_dataset(settings)
+        log(f"[corpus] {settings.hub_dataset} at {settings.hub_revision or 'main'}: commit "
+            f"{source['hub_commit'] or 'unknown (offline, not in the hub cache)'}")
+        documents = read_hub(open_hub_dataset(settings, source["hub_commit"]), settings)
     else:
         documents = read_files(check_files(settings.files), settings.text_field)
     budget = None if settings.token_budget is None else settings.token_budget * BYTES_PER_TOKEN
@@ -295,7 +311,7 @@ def collect_documents(settings: CorpusSettings, log: Log = None) -> tuple[list[s
     if not kept:
         raise ConfigError(f"the corpus is empty: none of the {read} documents read from source {settings.source} "
                           f"has {settings.min_chars} characters or more (corpus.min_chars)")
-    return kept, {"documents_read": read, "documents_dropped": read - len(kept)}
+    return kept, {"documents_read": read, "documents_dropped": read - len(kept), **source}
 
 
 def split_documents(documents: list[str], settings: CorpusSettings) -> dict[str, list[str]]:

@@ -16,7 +16,8 @@ and 23,195 (test) tokens, about 3.5 characters a token, packed in about 2 s.
 tokenizer.json and, per split, tokens, documents (those with at least one token in the stream),
 the largest token id and the sha256 of the corpus file.
 
-Reading: `PackedTokens(folder, split)` memory-maps a stream; `.sequences(seq_len)` is the
+Reading: `PackedTokens(folder, split)` memory-maps a stream (`read_token_file` any packed .npy;
+a missing, truncated or corrupt file is a ConfigError naming it and the fix: pack again); `.sequences(seq_len)` is the
 [N, seq_len] view of consecutive non-overlapping windows, N = len // seq_len; the last
 len % seq_len tokens are not used. A window serves as both input_ids and labels (transformers
 causal LMs shift the labels inside).
@@ -42,6 +43,8 @@ INFO_FILE = "packed.json"
 ENCODE_BATCH = 512                      # documents encoded at a time
 COPY_TOKENS = 1 << 24                   # tokens copied at a time into the .npy file
 PROGRESS_SECONDS = 10.0                 # at most one progress line this often per split
+# the fix named by every error about a broken packed folder
+REPACK = "pack the data again (delete the packed folder and run keyred packing, or the workflow's packing rule)"
 
 Log = Callable[[str], None] | None
 
@@ -149,7 +152,48 @@ def read_packed_info(folder: str | Path) -> dict:
     path = Path(folder) / INFO_FILE
     if not path.is_file():
         raise ConfigError(f"{folder} has no {INFO_FILE}: make the packed data with keyred packing")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is corrupt ({error}): {REPACK}") from None
+
+
+def read_token_file(path: str | Path) -> np.ndarray:
+    """The 1-D token stream of a packed .npy file, memory-mapped read-only; ConfigError naming the
+    file and the fix when it is missing, truncated (a killed copy) or not a 1-D integer array."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist: {REPACK}")
+    try:
+        tokens = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as error:        # "mmap length is greater than file size", bad header
+        raise ConfigError(f"{path} is truncated or corrupt ({error}; {path.stat().st_size} bytes): {REPACK}") from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+        raise ConfigError(f"{path} holds a {tokens.dtype} array of shape {tokens.shape}, not a 1-D token stream: "
+                          f"{REPACK}")
+    return tokens
+
+
+def check_packed(folder: str | Path, splits=SPLITS) -> dict[str, int]:
+    """{split: tokens} of a packed folder after opening each split (cheap: memory maps); ConfigError
+    naming the file and the fix when packed.json or a split is missing, truncated or inconsistent.
+    Stages call it first, so a broken folder fails before any model is built or loaded."""
+    return {split: len(PackedTokens(folder, split)) for split in splits}
+
+
+def check_heldout_length(tokens: int, context: int, factor: int, sequences: int,
+                         source: str = "the held-out token stream") -> None:
+    """ConfigError naming the settings, the stream (`source`) and its size unless `tokens` held-out
+    tokens hold the `sequences` non-overlapping windows of factor x context + 1 tokens that length
+    extrapolation (keyred.evaluation.extrapolation) reads. The stages that evaluate, and training
+    for the evaluation that follows it, call it before any model work."""
+    needed = sequences * (factor * context + 1)
+    if tokens < needed:
+        raise ConfigError(f"length extrapolation needs evaluate.extrapolation_sequences = {sequences} windows of "
+                          f"evaluate.extrapolation_factor x train.seq_len + 1 = {factor} x {context} + 1 = "
+                          f"{factor * context + 1} tokens ({needed} in all), but {source} has only {tokens}: "
+                          f"lower train.seq_len (at most {(tokens // sequences - 1) // factor} here), the factor "
+                          f"or the sequences, or use a corpus with a larger test split")
 
 
 def check_vocabulary(folder: str | Path, vocab_size: int) -> None:
@@ -170,11 +214,11 @@ class PackedTokens:
             raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
         self.folder, self.split = Path(folder), split
         self.info = read_packed_info(folder)
-        self.tokens = np.load(self.folder / f"{split}.npy", mmap_mode="r")
+        self.tokens = read_token_file(self.folder / f"{split}.npy")
         expected = self.info["splits"][split]["tokens"]
         if self.tokens.shape != (expected,):
             raise ConfigError(f"{self.folder / f'{split}.npy'} holds shape {self.tokens.shape}, but {INFO_FILE} "
-                              f"says {expected} tokens: the folder is corrupt, pack it again")
+                              f"says {expected} tokens: the folder is corrupt; {REPACK}")
 
     @property
     def eos_token_id(self) -> int:

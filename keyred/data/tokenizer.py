@@ -10,11 +10,14 @@ split of a corpus folder (keyred.data.corpus); "<|endoftext|>" (EOS) is its only
 used as bos, eos and document separator; no pad token. Every string round-trips exactly (decode(encode(text))
 == text) and encoding adds no special tokens. The same corpus and settings give an identical
 tokenizer.json; on the default wikipedia_sample corpus training takes about a second.
-`hub`: `AutoTokenizer.from_pretrained(hub_name)`, online only.
+`hub`: `AutoTokenizer.from_pretrained(hub_name, revision=...)`, online only; `hub_revision` (a
+branch, tag or commit; null: main) is resolved to its commit sha first
+(keyred.provenance.hub_commit), which is what is loaded and what the info records (`hub_commit`).
 
 The tokenizer folder holds the tokenizer as saved by `save_pretrained` (loads offline with
 `transformers.AutoTokenizer.from_pretrained(folder)` or `load_tokenizer(folder)`) and
-`tokenizer_info.json` (settings, vocabulary size, EOS id, sha256 of the training split).
+`tokenizer_info.json` (settings, vocabulary size, EOS id, sha256 of the training split or the
+hub commit).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 from keyred.config import ConfigError, section_settings
 from keyred.data.corpus import read_documents
 from keyred.io import atomic_dir, write_json
+from keyred.provenance import hub_commit
 
 KINDS = ("bpe", "hub")
 EOS_TOKEN = "<|endoftext|>"
@@ -48,6 +52,7 @@ class TokenizerSettings:
     vocab_size: int
     min_frequency: int
     hub_name: str
+    hub_revision: str | None
 
 
 def tokenizer_settings(values: dict | None) -> TokenizerSettings:
@@ -70,12 +75,13 @@ def train_bpe(documents: list[str], settings: TokenizerSettings):
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN)
 
 
-def load_hub_tokenizer(name: str):
-    """AutoTokenizer.from_pretrained(name); ConfigError when the hub cannot be reached or has no such name."""
+def load_hub_tokenizer(name: str, revision: str | None = None):
+    """AutoTokenizer.from_pretrained(name, revision=revision); ConfigError when the hub cannot be
+    reached or has no such name."""
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, revision=revision)
     except OSError as error:                       # offline, unreachable, or no such repository
         raise ConfigError(f"config key 'tokenizer.hub_name': cannot load the tokenizer {name} from the Hub "
                           f"({error}). Offline runs should use kind bpe") from None
@@ -123,8 +129,11 @@ def build_tokenizer(settings: TokenizerSettings, corpus: str | Path | None, out:
         tokenizer = train_bpe(documents, settings)
         info["train_sha256"] = hashlib.sha256(train_file.read_bytes()).hexdigest()
     else:
-        log(f"[tokenizer] loading {settings.hub_name} from the Hub")
-        tokenizer = load_hub_tokenizer(settings.hub_name)
+        info["hub_commit"] = hub_commit(settings.hub_name, settings.hub_revision, name_key="tokenizer.hub_name",
+                                        revision_key="tokenizer.hub_revision")
+        log(f"[tokenizer] loading {settings.hub_name} from the Hub at {settings.hub_revision or 'main'} (commit "
+            f"{info['hub_commit'] or 'unknown: offline, not in the hub cache'})")
+        tokenizer = load_hub_tokenizer(settings.hub_name, info["hub_commit"] or settings.hub_revision)
     info.update(vocab_size=len(tokenizer), eos_token_id=separator_id(tokenizer))
     if settings.kind == "bpe" and len(tokenizer) < settings.vocab_size:
         log(f"[tokenizer] the corpus gave only {len(tokenizer)} tokens, fewer than vocab_size {settings.vocab_size}")

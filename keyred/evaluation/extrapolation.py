@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from keyred.config import ConfigError
+from keyred.data.packing import check_heldout_length
 from keyred.device import mixed_precision
 
 
@@ -24,12 +25,9 @@ def length_extrapolation(model, tokens, context: int, factor: int, sequences: in
                           f"{sequences}")
     if tokens.ndim != 1:
         raise ConfigError(f"the held-out tokens must be one 1-D stream, got an array of shape {tokens.shape}")
+    check_heldout_length(len(tokens), context, factor, sequences)
     length = factor * context
     slots = len(tokens) // (length + 1)
-    if slots < sequences:
-        raise ConfigError(f"length extrapolation needs {sequences} windows of {factor} x {context} + 1 = "
-                          f"{length + 1} tokens ({sequences * (length + 1)} in all), but the held-out token "
-                          f"stream has {len(tokens)}")
     starts = np.sort(np.random.default_rng(seed).choice(slots, sequences, replace=False)) * (length + 1)
     total = torch.zeros(length, dtype=torch.float64)
     with torch.no_grad(), mixed_precision(device):

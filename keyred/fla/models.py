@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from keyred.checkpoints import METADATA_FILE, CheckpointError, check_local_checkpoint, new_info, read_info
 from keyred.fla.backend import use_torch_kernels_off_gpu
 from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, architecture, check_family
+from keyred.provenance import hub_commit
 
 __all__ = ["BLOCK_CLASSES", "CONFIG_CLASSES", "LAYER_CLASSES", "MODEL_CLASSES", "attention_layers",
            "build_model", "count_parameters", "fla_class", "fla_models", "load_checkpoint", "model_config"]
@@ -64,11 +65,15 @@ def count_parameters(model, include_embeddings: bool = True) -> int:
     return total - embedding
 
 
-def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
+def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None, revision: str | None = None,
+                    key: str = "models.*.pretrained"):
     """Load a local keyred/fla checkpoint or a hub model name; return (model, info).
 
-    Hub models (e.g. 'fla-hub/delta_net-1.3B-100B') need network access; their info has
-    size None and stage 'hub'.
+    Hub models (e.g. 'fla-hub/delta_net-1.3B-100B') need network access (or the hub cache); their
+    info has size None, stage 'hub' and in `extra` the `revision` asked for (a branch, tag or
+    commit; None: main) and the `commit` sha it names, which is what is loaded (None when offline
+    and not cached). `key` is the config key of the name, for error messages; `revision` is ignored
+    for a local folder.
     """
     path = Path(name_or_path)
     local = path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path))
@@ -78,14 +83,17 @@ def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None):
         source = str(path)
     else:
         info, source = None, str(name_or_path)
+        commit = hub_commit(source, revision, name_key=key, revision_key=key.rpartition(".")[0] + ".revision")
+    hub = {} if local else {"revision": commit or revision}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32, **hub)
     except OSError as error:
         where = f"checkpoint {source}" if local else f"hub model {source} (needs network access)"
         raise CheckpointError(f"could not load {where}: {error}") from None
     except Exception as error:  # corrupt safetensors, shape mismatches
         raise CheckpointError(f"could not load checkpoint {source}: {type(error).__name__}: {error}") from None
     if info is None:
-        info = new_info(model.config.model_type, None, stage="hub", parent=source)
+        info = new_info(model.config.model_type, None, stage="hub", parent=source,
+                        extra={"revision": revision, "commit": commit})
         check_family(info.family)
     return model.to(device).eval(), info

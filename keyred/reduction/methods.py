@@ -45,7 +45,7 @@ from types import SimpleNamespace
 import jsonschema
 
 from keyred.config import ConfigError, require, schema_at, section_settings
-from keyred.fla.families import FAMILIES, key_head_dim
+from keyred.fla.families import FAMILIES, architecture, key_head_dim
 
 METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca")
 ACTIVATION_METHODS = ("drrqr", "pca")  # calibrated on calibration_sequences windows
@@ -124,6 +124,32 @@ def new_key_dim(key_dim: int, ratio: float, round_to: int = 1) -> int:
                                                             f"{kept} = d_k at ratio {ratio}: nothing would be "
                                                             f"pruned; use round_to 1")
     return kept
+
+
+def check_reduction_limits(config: dict) -> None:
+    """What a whole (validated) config decides about d_k': every ratio of reduction.ratios, with
+    reduction.prune.round_to, leaves 1 <= d_k' (< d_k at ratio > 0) on the d_k of every reduced
+    model's named size. The workflow checks it before any job (workflow/rules/common.smk), the reduce
+    stage again on its parent's config.json; a pretrained model's d_k is known only from its hub
+    config, so only its reduce job checks it. ConfigError naming the keys, the model and its d_k."""
+    reduction = config["reduction"]
+    if not reduction["methods"]:
+        return
+    round_to = reduction["prune"]["round_to"]
+    for name in reduction["models"] or sorted(config["models"]):
+        model = config["models"][name]
+        if model.get("pretrained"):
+            continue
+        shape = architecture(model["family"], model["size"])
+        key_dim = key_head_dim(SimpleNamespace(model_type=model["family"], **shape))
+        for ratio in reduction["ratios"]:
+            try:
+                new_key_dim(key_dim, ratio, round_to)
+            except ConfigError as error:
+                message = str(error).replace("'prune.ratio'", "'reduction.ratios'").replace(
+                    "'prune.round_to'", "'reduction.prune.round_to'")
+                raise ConfigError(f"{message} (models.{name} is {model['family']} {model['size']}, d_k = "
+                                  f"{key_dim})") from None
 
 
 def check_prunable(config) -> int:

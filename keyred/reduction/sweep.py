@@ -6,7 +6,8 @@ For each ratio, keyred.reduction.prune reduces d_k of the parent (a plain fla ch
 keyred.training.lora recovers it with LoRA (adapters merged; distillation from the parent when
 finetune.distill is set); keyred.evaluation scores both on the test split. The output folder is
 written as a whole, in the layout of keyred.checkpoints: per ratio the pruned and LoRA
-checkpoints (reduced_checkpoint), and the tables (reduction_table_path) evaluation (model, method,
+checkpoints (reduced_checkpoint; each with the tokenizer, its evaluation rows in its model card,
+the LoRA one with its adapter before merging), and the tables (reduction_table_path) evaluation (model, method,
 ratio, stage = pruned | lora, task, metric, value, n), length_extrapolation (the same columns with
 position, loss) and finetune_loss.
 """
@@ -14,16 +15,19 @@ position, loss) and finetune_loss.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from keyred import io
-from keyred.checkpoints import LORA, PRUNED, new_info, ratio_folder, reduced_checkpoint, reduction_table_path, save_checkpoint
+from keyred.checkpoints import (ADAPTER_FOLDER, LORA, PRUNED, new_info, ratio_folder, reduced_checkpoint,
+                                reduction_table_path, save_checkpoint)
 from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError, section_settings
 from keyred.data.corpus import read_documents
+from keyred.data.packing import read_token_file
 from keyred.data.tokenizer import load_tokenizer
 from keyred.evaluation.extrapolation import length_extrapolation
 from keyred.evaluation.runner import check_vocabulary, evaluate_model, with_columns
@@ -31,7 +35,7 @@ from keyred.evaluation.settings import evaluate_settings
 from keyred.reduction.methods import SECTION as PRUNE_SECTION
 from keyred.reduction.methods import PruneSettings, check_prunable, new_key_dim
 from keyred.reduction.prune import prune_model
-from keyred.training.lora import check_targets, finetune, finetune_settings
+from keyred.training.lora import check_targets, finetune, finetune_settings, lora_record
 
 SECTIONS = ("prune", "finetune", "evaluate")
 
@@ -76,15 +80,16 @@ class _Sweep:
         self.tokenizer = load_tokenizer(tokenizer_dir)
         check_vocabulary(self.parent, self.tokenizer)
         self.documents = read_documents(Path(corpus) / "test.jsonl")
-        self.heldout_tokens = np.load(Path(packed) / "test.npy", mmap_mode="r")
+        self.heldout_tokens = read_token_file(Path(packed) / "test.npy")
         self.results, self.curves, self.losses = [], [], []
 
-    def evaluate(self, model, columns: dict) -> None:
-        """Score one model and keep its tables."""
+    def evaluate(self, model, columns: dict) -> list[dict]:
+        """Score one model, keep its tables and return its evaluation rows (task, metric, value, n)."""
         results, curve = evaluate_stage(model, self.tokenizer, self.documents, self.heldout_tokens, self.context,
                                         self.evaluation, self.device, columns, self.log)
         self.results.append(results)
         self.curves.append(curve)
+        return results[["task", "metric", "value", "n"]].to_dict("records")
 
     def reduce_ratio(self, settings: PruneSettings, tmp: Path) -> None:
         """Prune the parent at settings.ratio, evaluate, recover with LoRA, evaluate; checkpoints into `tmp`."""
@@ -92,19 +97,25 @@ class _Sweep:
         self.log(f"[reduce] {self.name} {settings.method} ratio {ratio}: d_k {self.key_dim} -> "
                  f"{new_key_dim(self.key_dim, ratio, settings.round_to)}")
         pruned, extra = prune_model(copy.deepcopy(self.parent), settings, self.packed, self.device, self.log)
+        columns = dict(model=self.name, method=settings.method, ratio=ratio, stage=PRUNED)
         save_checkpoint(pruned, reduced_checkpoint(tmp, ratio, PRUNED),
                         new_info(info.family, info.size, stage="prune", seed=settings.seed,
-                                 parent=str(self.checkpoint), extra=extra))
-        columns = dict(model=self.name, method=settings.method, ratio=ratio, stage=PRUNED)
-        self.evaluate(pruned, columns)
+                                 parent=str(self.checkpoint), extra=extra),
+                        tokenizer=self.tokenizer, evaluation=self.evaluate(pruned, columns))
         teacher = self.parent if self.finetuning.distill else None
-        recovered, rows, summary = finetune(pruned, self.packed, self.finetuning, self.device, teacher, self.log)
-        save_checkpoint(recovered, reduced_checkpoint(tmp, ratio, LORA),
-                        new_info(info.family, info.size, stage="finetune", seed=self.finetuning.seed,
-                                 parent=str(reduced_checkpoint(self.out, ratio, PRUNED)),
-                                 extra={**summary, "source": extra}))
+        pruned.name_or_path = str(reduced_checkpoint(self.out, ratio, PRUNED))    # the adapter's base
+        with tempfile.TemporaryDirectory(prefix="keyred-adapter-") as adapter:
+            recovered, rows, summary = finetune(pruned, self.packed, self.finetuning, self.device, teacher, self.log,
+                                                adapter)
+            lora = {"settings": dataclasses.asdict(self.finetuning),
+                    "lora": lora_record(self.finetuning, ADAPTER_FOLDER)}
+            save_checkpoint(recovered, reduced_checkpoint(tmp, ratio, LORA),
+                            new_info(info.family, info.size, stage="finetune", seed=self.finetuning.seed,
+                                     parent=str(reduced_checkpoint(self.out, ratio, PRUNED)),
+                                     extra={**lora, **summary, "source": extra}),
+                            tokenizer=self.tokenizer, adapter=adapter,
+                            evaluation=self.evaluate(recovered, {**columns, "stage": LORA}))
         self.losses.append(pd.DataFrame(rows).assign(model=self.name, method=settings.method, ratio=ratio))
-        self.evaluate(recovered, {**columns, "stage": LORA})
 
     def write_tables(self, tmp: Path) -> None:
         for name, tables in (("evaluation", self.results), ("length_extrapolation", self.curves),

@@ -18,9 +18,6 @@ import argparse
 import sys
 import time
 
-import numpy as np
-from transformers import AutoTokenizer
-
 from keyred import io
 from keyred.checkpoints import CheckpointError
 from keyred.fla.models import load_checkpoint
@@ -28,6 +25,8 @@ from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, read_spec
 from keyred.device import torch_device
 from keyred.data.corpus import read_documents
+from keyred.data.packing import check_heldout_length, read_token_file
+from keyred.data.tokenizer import load_tokenizer
 from keyred.evaluation.extrapolation import length_extrapolation
 from keyred.evaluation.runner import check_vocabulary, evaluate_model, with_columns
 from keyred.evaluation.settings import evaluate_settings
@@ -36,7 +35,7 @@ from keyred.evaluation.settings import evaluate_settings
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m keyred.stages.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="model checkpoint folder (or hub name)")
-    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (transformers AutoTokenizer)")
+    parser.add_argument("--tokenizer", required=True, help="tokenizer folder (keyred.data.tokenizer)")
     parser.add_argument("--heldout", required=True, help="held-out documents, jsonl with one {\"text\": ...} a line")
     parser.add_argument("--heldout-tokens", required=True, help="packed held-out tokens, 1-D .npy")
     parser.add_argument("--context", required=True, type=int, help="training context length in tokens")
@@ -53,23 +52,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+    try:                                          # every input that needs no model, before loading it
         settings = evaluate_settings(read_spec(parser, args.spec))
+        heldout_tokens = read_token_file(args.heldout_tokens)
+        check_heldout_length(len(heldout_tokens), args.context, settings.extrapolation_factor,
+                             settings.extrapolation_sequences, f"the test split {args.heldout_tokens}")
+        tokenizer = load_tokenizer(args.tokenizer)
+        documents = read_documents(args.heldout)
     except ConfigError as error:
         return bad_input(error)
     try:
         device = torch_device(args.device, args.threads)
         model, _ = load_checkpoint(args.checkpoint, device=device)
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         check_vocabulary(model, tokenizer)
         start = time.perf_counter()
-        curve = length_extrapolation(model, np.load(args.heldout_tokens, mmap_mode="r"), args.context,
+        curve = length_extrapolation(model, heldout_tokens, args.context,
                                      settings.extrapolation_factor, settings.extrapolation_sequences, device,
                                      settings.seed)
         print(f"[evaluate] {args.name}: length extrapolation to {len(curve)} tokens took "
               f"{time.perf_counter() - start:.1f}s; mean loss {curve.loss.mean():.4f}")
         start = time.perf_counter()
-        table = evaluate_model(model, tokenizer, read_documents(args.heldout), settings)
+        table = evaluate_model(model, tokenizer, documents, settings)
         print(f"[evaluate] {args.name}: lm-eval tasks took {time.perf_counter() - start:.1f}s")
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)

@@ -8,12 +8,16 @@ The spec holds keys of the `reduction.finetune` config section (missing keys tak
 defaults); the recipe is keyred.training.lora's. With `distill` the teacher is --teacher, else
 the input's parent checkpoint.
 
-The output is the merged model (merge_and_unload), saved with keyred.checkpoints.save_checkpoint;
-keyred.json records stage "finetune", the input checkpoint as parent, the settings, validation
+The output is the merged model (merge_and_unload), saved with keyred.checkpoints.save_checkpoint
+with the input's tokenizer and, in `adapter/`, the adapter before merging
+(keyred.training.lora.save_adapter); keyred.json records stage "finetune", the input checkpoint
+as parent, the settings, the LoRA settings ("lora", keyred.training.lora.lora_record), validation
 losses before and after, the trainable parameter count, the seconds taken and the input's own
 extra fields under "source". The losses CSV has one row before training (step 0, validation loss
 before), one every log_every steps and one after the last step (validation loss after merging).
-Exit codes: 2 for a refused input, 1 when the loss became NaN or infinite.
+With --resume-dir, SIGUSR1 or SIGTERM stops it at the next step boundary with its state saved
+there (exit code 75); the same command continues from that step. Exit codes: 2 for a refused
+input, 1 when the loss became NaN or infinite, 75 when a signal stopped it.
 """
 
 from __future__ import annotations
@@ -21,20 +25,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 
 from keyred import io
-from keyred.checkpoints import CheckpointError, new_info, read_info, save_checkpoint
+from keyred.checkpoints import ADAPTER_FOLDER, CheckpointError, new_info, read_info, save_checkpoint
 from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, progress, read_spec
-from keyred.data.packing import check_vocabulary
+from keyred.data.packing import check_packed, check_vocabulary
 from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
-from keyred.training.lora import SECTION, check_targets, finetune, finetune_settings, teacher_source
+from keyred.training.lora import SECTION, check_targets, finetune, finetune_settings, lora_record, teacher_source
 from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import STOPPED_EXIT_CODE, TrainingStopped, remove_resume_state
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="checkpoint folder to write (adapters merged)")
     parser.add_argument("--losses", required=True, help="loss CSV to write")
     parser.add_argument("--teacher", default=None, help="distillation teacher (default: the checkpoint's parent)")
+    parser.add_argument("--resume-dir", default=None, help="folder for the resume state a stop signal saves "
+                                                           "(kept until the run ends)")
     add_torch_options(parser)
     return parser
 
@@ -58,39 +66,48 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(spec, dict):
             raise ConfigError(f"--spec must be a JSON object of {SECTION} settings, got {args.spec!r}")
         settings = finetune_settings(spec)
+        check_packed(args.packed, ("train", "validation"))     # before any model is loaded
         info = read_info(args.checkpoint)
         teacher_path = teacher_source(info, args.teacher) if settings.distill else None
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
 
-    try:
-        device = torch_device(args.device, args.threads)
-        model, _ = load_checkpoint(args.checkpoint, device=device)
-        check_targets(model, settings.target_modules)
-        check_vocabulary(args.packed, model.config.vocab_size)
-        teacher = None
-        if teacher_path is not None:
-            teacher, _ = load_checkpoint(teacher_path, device=device)
-            if teacher.config.vocab_size != model.config.vocab_size:
-                raise ConfigError(f"the teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the "
-                                  f"checkpoint {model.config.vocab_size}: distillation needs the same vocabulary")
-        model, rows, summary = finetune(model, args.packed, settings, device, teacher, log)
-    except (ConfigError, CheckpointError) as error:
-        return bad_input(error)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="keyred-adapter-") as adapter_dir:
+        try:
+            device = torch_device(args.device, args.threads)
+            model, _ = load_checkpoint(args.checkpoint, device=device)
+            check_targets(model, settings.target_modules)
+            check_vocabulary(args.packed, model.config.vocab_size)
+            teacher = None
+            if teacher_path is not None:
+                teacher, _ = load_checkpoint(teacher_path, device=device)
+                if teacher.config.vocab_size != model.config.vocab_size:
+                    raise ConfigError(f"the teacher {teacher_path} has vocab_size {teacher.config.vocab_size}, the "
+                                      f"checkpoint {model.config.vocab_size}: distillation needs the same vocabulary")
+            source = {"checkpoint": str(args.checkpoint), "created": info.created, "teacher": teacher_path}
+            model, rows, summary = finetune(model, args.packed, settings, device, teacher, log, adapter_dir,
+                                            args.resume_dir, source)
+        except (ConfigError, CheckpointError) as error:
+            return bad_input(error)
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except TrainingStopped as error:
+            print(f"[finetune] {error}", file=sys.stderr)
+            return STOPPED_EXIT_CODE
 
-    checkpoint = Path(args.checkpoint)
-    tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
-    out_info = new_info(info.family, info.size, stage="finetune", seed=settings.seed, parent=str(checkpoint),
-                        extra={"settings": dataclasses.asdict(settings), "teacher": teacher_path, **summary,
-                               "source": info.extra})
-    save_checkpoint(model.to("cpu"), args.out, out_info, tokenizer=tokenizer)
+        checkpoint = Path(args.checkpoint)
+        tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None
+        out_info = new_info(info.family, info.size, stage="finetune", seed=settings.seed, parent=str(checkpoint),
+                            extra={"settings": dataclasses.asdict(settings),
+                                   "lora": lora_record(settings, ADAPTER_FOLDER), "teacher": teacher_path,
+                                   **summary, "source": info.extra})
+        save_checkpoint(model.to("cpu"), args.out, out_info, tokenizer=tokenizer, adapter=adapter_dir)
     table = pd.DataFrame(rows)
     table.insert(0, "family", info.family)
     table.insert(1, "size", info.size)
     io.write_csv(args.losses, table)
+    remove_resume_state(args.resume_dir)
     log(f"[finetune] wrote {args.out} and {args.losses}")
     return 0
 

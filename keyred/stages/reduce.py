@@ -18,7 +18,11 @@ import sys
 from keyred.checkpoints import CheckpointError
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.data.corpus import read_documents
+from keyred.data.packing import check_heldout_length, check_packed
+from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
+from keyred.reduction.methods import checkpoint_key_dim, new_key_dim
 from keyred.reduction.sweep import read_sections, reduce_model
 from keyred.training.optimizer import NonFiniteLossError
 
@@ -40,11 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_inputs(args, sections) -> None:
+    """What needs no model, before the parent is loaded: the packed data (every split readable, the
+    test split long enough for the length-extrapolation windows), the tokenizer, the held-out
+    documents, and d_k' of every ratio from the parent's config.json; ConfigError otherwise."""
+    prunes, _, evaluation = sections
+    tokens = check_packed(args.packed)
+    check_heldout_length(tokens["test"], args.context, evaluation.extrapolation_factor,
+                         evaluation.extrapolation_sequences, f"the test split of {args.packed}")
+    load_tokenizer(args.tokenizer)
+    read_documents(f"{args.corpus}/test.jsonl")
+    key_dim = checkpoint_key_dim(args.checkpoint)
+    for settings in prunes:
+        new_key_dim(key_dim, settings.ratio, settings.round_to)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         sections = read_sections(read_spec(parser, args.spec), args.method, args.ratios)
+        check_inputs(args, sections)
     except ConfigError as error:
         return bad_input(error)
     try:

@@ -16,8 +16,17 @@ keyred.stages.train ...` every process takes its share of each step's windows (N
 gloo on CPU); rank 0 logs and writes.
 
 A model with `pretrained: <hub name>` is not trained: the hub checkpoint (network needed) is
-saved as this model's checkpoint, scored on validation. Exit codes: 2 for a refused input, 1
-when the loss became NaN or infinite (the last resume state is kept).
+saved as this model's checkpoint, scored on validation; its `revision` is resolved to a commit
+sha first, which is what is loaded and what keyred.json records (`pretrained_commit`).
+
+Exit codes: 2 for a refused input, 1 when the loss became NaN or infinite (the last resume state
+is kept), 75 when SIGUSR1 or SIGTERM stopped it (with --resume-dir: the state of the step it
+reached is saved there; run it again to continue; keyred.training.resume).
+
+Before any model is built or downloaded the stage checks what needs no model: the tokenizer
+folder, every split of the packed data, and (with --heldout-windows, which the workflow passes)
+that the test split holds the length-extrapolation windows the evaluation of this model will read
+at its seq_len. A pretrained model that cannot be downloaded (offline) is one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -32,15 +41,18 @@ import pandas as pd
 import torch
 
 from keyred import io
-from keyred.checkpoints import new_info, save_checkpoint
+from keyred.checkpoints import CheckpointError, new_info, save_checkpoint
 from keyred.config import ConfigError, section_settings
 from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.data.packing import check_heldout_length, check_packed
 from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
+from keyred.provenance import hub_commit
 from keyred.training.distributed import start_distributed, torchrun_command
 from keyred.training.lm import ModelChoice, TrainSettings, score_pretrained, train_language_model
 from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import remove_resume_state
+from keyred.training.resume import (STOPPED_EXIT_CODE, ForwardStopSignals, TrainingStopped,
+                                    remove_resume_state)
 
 MODULE = "keyred.stages.train"      # what torchrun runs in every process
 
@@ -55,7 +67,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="checkpoint folder to write")
     parser.add_argument("--losses", required=True, help="training-loss CSV to write")
     parser.add_argument("--resume-dir", default=None, help="folder for resume state (kept until the run ends)")
+    parser.add_argument("--heldout-windows", type=int, nargs=2, default=None, metavar=("FACTOR", "SEQUENCES"),
+                        help="evaluate.extrapolation_factor and extrapolation_sequences: refuse to train when the "
+                             "test split cannot hold the evaluation's windows at this seq_len")
     return parser
+
+
+def check_inputs(args, settings: TrainSettings):
+    """The tokenizer (None without --tokenizer), after checking the packed data and the test split's
+    room for the evaluation's windows, before any model work; ConfigError naming the file and the fix."""
+    tokens = check_packed(args.packed)
+    if args.heldout_windows:
+        factor, sequences = args.heldout_windows
+        check_heldout_length(tokens["test"], settings.seq_len, factor, sequences, f"the test split of {args.packed}")
+    return load_tokenizer(args.tokenizer) if args.tokenizer else None
+
+
+def hub_error(name: str, error: CheckpointError) -> ConfigError:
+    """One line for a pretrained model that cannot be loaded (offline, or no such repository)."""
+    reason = str(error).splitlines()[0].rstrip(".")
+    return ConfigError(f"config key 'models.{name}.pretrained': {reason}. Offline, train the model instead "
+                       f"(remove pretrained) or download it into the Hugging Face cache first")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_choice = section_settings(ModelChoice, "models.*", spec["model"])
         settings = section_settings(TrainSettings, "train", spec["train"])
+        tokenizer = check_inputs(args, settings)
     except ConfigError as error:
         return bad_input(error)
 
@@ -78,27 +111,40 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[train] {gpus} GPUs visible: data parallel over all of them with torchrun "
                 f"(CUDA_VISIBLE_DEVICES picks fewer)")
             argv = sys.argv[1:] if argv is None else argv
-            return subprocess.run(torchrun_command(MODULE, argv, gpus)).returncode
+            workers = subprocess.Popen(torchrun_command(MODULE, argv, gpus))
+            with ForwardStopSignals(workers) as stop:
+                returncode = workers.wait()
+            return STOPPED_EXIT_CODE if stop.requested and returncode else returncode
         where = start_distributed(device)
         if model_choice.pretrained:
-            model, rows = score_pretrained(args.name, model_choice, args.packed, settings, device, log)
+            hub = {"pretrained_revision": model_choice.revision, "pretrained_commit": hub_commit(
+                model_choice.pretrained, model_choice.revision, name_key=f"models.{args.name}.pretrained",
+                revision_key=f"models.{args.name}.revision")}
+            pinned = dataclasses.replace(model_choice, revision=hub["pretrained_commit"] or model_choice.revision)
+            try:
+                model, rows = score_pretrained(args.name, pinned, args.packed, settings, device, log)
+            except CheckpointError as error:
+                raise hub_error(args.name, error) from None
         else:
             model, rows = train_language_model(args.name, model_choice, args.packed, settings, device,
                                                args.resume_dir, where, log)
-        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
     except ConfigError as error:
         return bad_input(error)
     except NonFiniteLossError as error:
         kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
         print(f"error: {error}{kept}", file=sys.stderr)
         return 1
+    except TrainingStopped as error:
+        print(f"[train] {args.name}: {error}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     if not where.is_main:
         return 0
     stage = "pretrained" if model_choice.pretrained else "train"
     info = new_info(model_choice.family, model_choice.size, stage=stage, seed=settings.seed,
                     parent=model_choice.pretrained,
                     extra={"name": args.name, "packed": str(args.packed), "train": dataclasses.asdict(settings),
-                           "val_loss": rows[-1]["val_loss"], "unigram_val_loss": rows[-1]["unigram_val_loss"]})
+                           "val_loss": rows[-1]["val_loss"], "unigram_val_loss": rows[-1]["unigram_val_loss"],
+                           **(hub if model_choice.pretrained else {})})
     save_checkpoint(model.to("cpu"), args.out, info, tokenizer=tokenizer)
     table = pd.DataFrame(rows)
     table.insert(0, "model", args.name)

@@ -5,7 +5,8 @@ Outputs in the run folder: `checkpoint/` (keyred.checkpoints.save_checkpoint, st
 'state_tracking'), `curve.csv` (one row per position t: fraction of sequences all correct up to
 t, token accuracy at t), `summary.csv` (one row: final accuracies, longest solved length,
 training facts) and `history.csv` (one row per evaluation: step, loss, lr, validation accuracy,
-tokens/s).
+tokens/s). The fixed sets are read from the files given in `data` (keyred.tracking.training),
+the test set too, or generated from their seeds without them.
 """
 
 from __future__ import annotations
@@ -18,28 +19,30 @@ import pandas as pd
 from keyred import io
 from keyred.checkpoints import new_info, save_checkpoint
 from keyred.data.groups import build_group
-from keyred.tracking.model import FAMILY
-from keyred.tracking.scoring import curve_table, evaluate, run_columns, summary_row, with_run_columns
-from keyred.tracking.spec import StateTrackingModel, StateTrackingTraining
-from keyred.tracking.training import TrainingResult, train_state_tracking
+from keyred.tracking.model import FAMILY, predict
+from keyred.tracking.scoring import curve_table, run_columns, score_predictions, summary_row, with_run_columns
+from keyred.tracking.spec import StateTrackingModel, StateTrackingTraining, word_problem_sets
+from keyred.tracking.spec import TEST_SEED_OFFSET  # noqa: F401 (imported from here by benchmarks/)
+from keyred.tracking.training import TrainingResult, train_state_tracking, word_problem_set
 
 STAGE = "state_tracking"
-TEST_SEED_OFFSET = 2_000_003         # test set seed = seed + this; distinct from training and validation
 OUTPUTS = ("checkpoint", "curve.csv", "summary.csv", "history.csv")
 
 
 def run_state_tracking(model_settings: StateTrackingModel, settings: StateTrackingTraining, device: str = "cpu",
-                       log=print, resume_dir: str | Path | None = None):
+                       log=print, resume_dir: str | Path | None = None, data: dict[str, str | Path] | None = None):
     """Train (resuming from resume_dir when it holds a state), then score the best model on the
-    test set; return (TrainingResult, curve, summary, history).
+    test set; return (TrainingResult, curve, summary, history). `data` maps set names (train,
+    validation, test) to their `seed,input,target` files; a set without one is generated.
 
     curve: one row per position (curve_table); summary: one row (summary_row with the training
     facts); history: one row per evaluation during training. All three are DataFrames.
     """
-    result = train_state_tracking(model_settings, settings, device, log, resume_dir)
+    data = data or {}
     group = build_group(settings.group)
-    test = evaluate(result.model, group, settings.test_length, settings.test_samples,
-                    settings.seed + TEST_SEED_OFFSET, device)
+    test_inputs, test_targets = word_problem_set(group, word_problem_sets(settings)["test"], "test", data.get("test"))
+    result = train_state_tracking(model_settings, settings, device, log, resume_dir, data)
+    test = score_predictions(predict(result.model, group, test_inputs, device), test_targets)
     run = run_columns(model_settings, settings)
     reached = [row["elapsed_s"] for row in result.history if row["val_seq_acc"] >= settings.early_stop_accuracy]
     summary = summary_row(test, run, steps_run=result.steps_run, stopped_early=result.stopped_early,

@@ -18,6 +18,8 @@ from keyred.data.groups import parse_group_name
 
 SECTIONS = ("model", "train")
 SECTION = "state_tracking"
+VALIDATION_SEED_OFFSET = 1_000_003   # validation set seed = seed + this; distinct from the training draws
+TEST_SEED_OFFSET = 2_000_003         # test set seed = seed + this; distinct from training and validation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +133,24 @@ def settings_from_spec(spec) -> tuple[StateTrackingModel, StateTrackingTraining]
     return (settings_from_dict(StateTrackingModel, filled["model"], "model"),
             settings_from_dict(StateTrackingTraining, filled["train"], "train"))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class WordProblemSet:
+    """One set of word problems a run reads: `samples` distinct sequences of `length` drawn with `seed`."""
+
+    length: int
+    samples: int
+    seed: int
+
+
+def word_problem_sets(settings: StateTrackingTraining) -> dict[str, WordProblemSet]:
+    """The fixed sets of a run, by file stem: `train` (only with train_samples > 0; with 0 every
+    step draws fresh sequences from the seed's generator, so there is no training file),
+    `validation` and `test`. Runs that differ only in the model share them."""
+    sets = {"validation": WordProblemSet(settings.test_length, settings.val_samples,
+                                         settings.seed + VALIDATION_SEED_OFFSET),
+            "test": WordProblemSet(settings.test_length, settings.test_samples, settings.seed + TEST_SEED_OFFSET)}
+    if settings.train_samples:
+        sets = {"train": WordProblemSet(settings.train_length, settings.train_samples, settings.seed), **sets}
+    return sets

@@ -12,10 +12,18 @@ Every `eval_every` steps the model is scored on a validation set of length k_tes
 by validation sequence accuracy (ties: token accuracy) is kept, and training stops early once it
 reaches `early_stop_accuracy`.
 
-Resume: after every evaluation that does not end training, the model, optimizer, best model,
-history, the batch generator's state and torch's RNG state go to the resume folder
+Data: the fixed sets (keyred.tracking.spec.word_problem_sets: validation, test and, with
+train_samples > 0, train) are read from `seed,input,target` files when given (the workflow's
+data rule writes them with keyred.stages.word_problems), else generated from the same seeds;
+either way the sequences are the same. With train_samples = 0 training draws fresh sequences
+from the seed's generator every step, and no training file exists.
+
+Resume: after every evaluation that does not end training, and at the next step boundary after
+SIGUSR1 or SIGTERM (then TrainingStopped is raised), the model, optimizer, best model, history,
+the batch generator's state and torch's RNG state go to the resume folder
 (keyred.training.resume); a run started again with the same settings continues from there and,
-on CPU, ends with exactly the result of an uninterrupted run.
+on CPU, ends with exactly the result of an uninterrupted run. Each history row is also appended
+to the folder's rows.csv as it is made.
 """
 
 from __future__ import annotations
@@ -29,18 +37,19 @@ import numpy as np
 import torch
 
 from keyred.data.groups import Group, build_group
-from keyred.data.word_problems import make_word_problems, prefix_products
+from keyred.config import ConfigError
+from keyred.data.word_problems import make_word_problems, prefix_products, read_word_problems
 from keyred.device import mixed_precision
 from keyred.tracking.model import build_state_tracking_model, element_logits, predict, with_bos
 from keyred.tracking.scoring import Evaluation, score_predictions
-from keyred.tracking.spec import StateTrackingModel, StateTrackingTraining
+from keyred.tracking.spec import StateTrackingModel, StateTrackingTraining, WordProblemSet, word_problem_sets
 from keyred.training.meter import Meter
 from keyred.training.optimizer import (build_optimizer, check_finite, clip_and_step, learning_rate,
                                        set_learning_rate)
-from keyred.training.resume import RESUME_FILE, load_resume_state, save_resume_state
+from keyred.training.resume import (RESUME_FILE, RowsFile, StopSignals, TrainingStopped, load_resume_state,
+                                    save_resume_state)
 
 BETAS = (0.9, 0.999)
-VALIDATION_SEED_OFFSET = 1_000_003   # validation set seed = seed + this; distinct from the training draws
 FINAL_LOSS_STEPS = 10                # the final training loss is the mean over this many last steps
 PROGRESS_SECONDS = 30                # a progress line at least this often between evaluations
 
@@ -62,15 +71,38 @@ class TrainingResult:
     train_seconds: float
 
 
+def word_problem_set(group: Group, wanted: WordProblemSet, name: str,
+                     path: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, targets) [N, length] int16 of the run's set `name`: read from `path` (a
+    `seed,input,target` file), or generated from wanted.seed without one. ConfigError naming the
+    file when it cannot be read or holds other sequences than `wanted` (length, count or seed)."""
+    if path is None:
+        return make_word_problems(group, wanted.length, wanted.samples, wanted.seed)
+    fix = "write it again (the workflow's data rule, or keyred word_problems --spec)"
+    try:
+        inputs, targets = read_word_problems(path, group)
+        with open(path) as file:
+            header, first = file.readline().rstrip("\n").split(","), file.readline().split(",")
+        seed = int(first[header.index("seed")])
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"the {name} set {path} cannot be read: {error}; {fix}") from None
+    count = min(wanted.samples, group.order ** wanted.length)
+    if inputs.shape != (count, wanted.length) or seed != wanted.seed:
+        raise ConfigError(f"the {name} set {path} holds {inputs.shape[0]} sequences of length {inputs.shape[1]} "
+                          f"drawn with seed {seed}, but the run's settings ask for {count} of length "
+                          f"{wanted.length} with seed {wanted.seed}; {fix}")
+    return inputs, targets
+
+
 class TrainingBatches:
     """Batches (inputs, targets) [B, k] int16: fresh i.i.d. draws, or passes over a fixed shuffled set."""
 
-    def __init__(self, group: Group, settings: StateTrackingTraining, log):
+    def __init__(self, group: Group, settings: StateTrackingTraining, log, train_data: str | Path | None = None):
         self.group, self.settings = group, settings
         self.rng = np.random.default_rng(settings.seed)
         self.dataset = None
         if settings.train_samples:
-            self.dataset = make_word_problems(group, settings.train_length, settings.train_samples, settings.seed)
+            self.dataset = word_problem_set(group, word_problem_sets(settings)["train"], "train", train_data)
             epochs = settings.steps * settings.batch_size / len(self.dataset[0])
             log(f"[state_tracking] fixed training set: {len(self.dataset[0])} distinct sequences, "
                 f"{epochs:.1f} epochs in {settings.steps} steps")
@@ -130,19 +162,23 @@ class _Progress:
 
 
 def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrackingTraining, device: str = "cpu",
-                         log=print, resume_dir: str | Path | None = None) -> TrainingResult:
+                         log=print, resume_dir: str | Path | None = None,
+                         data: dict[str, str | Path] | None = None) -> TrainingResult:
     """Train a fresh model on settings.group; return the best one (float32, eval mode) and the history.
 
     History rows (one per evaluation): step, loss (mean since the last row), lr, val_seq_acc,
     val_token_acc, tokens_per_s, elapsed_s. With resume_dir, the run continues from the state
-    saved there (if any) and saves its own after every evaluation that does not end training.
+    saved there (if any) and saves its own after every evaluation that does not end training and
+    when a stop signal arrives. `data` maps set names (train, validation) to their files; a set
+    without one is generated.
     """
+    data = data or {}
     group = build_group(settings.group)
     model = build_state_tracking_model(model_settings, group.order, seed=settings.seed).to(device)
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, BETAS, device)
-    batches = TrainingBatches(group, settings, log)
-    validation_set = make_word_problems(group, settings.test_length, settings.val_samples,
-                                        settings.seed + VALIDATION_SEED_OFFSET)
+    batches = TrainingBatches(group, settings, log, data.get("train"))
+    validation_set = word_problem_set(group, word_problem_sets(settings)["validation"], "validation",
+                                      data.get("validation"))
     name = f"{settings.group} {model_settings.label}"
     log(f"[state_tracking] {name} seed {settings.seed}: {sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{settings.steps} steps of {settings.batch_size} x k={settings.train_length} on {device}; validation: "
@@ -154,41 +190,61 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     fingerprint = {"stage": "state_tracking", "model": dataclasses.asdict(model_settings),
                    "train": dataclasses.asdict(settings)}
     progress, first_step, elapsed = _resume(resume_dir, fingerprint, model, optimizer, batches, name, log)
+    rows_file = RowsFile(resume_dir, progress.history)
+
+    def save(step: int) -> None:
+        save_resume_state(resume_dir, {
+            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "progress": vars(progress), "batches": batches.state(), "torch_rng": torch.get_rng_state(),
+            "elapsed_s": meter.elapsed()}, fingerprint)
 
     meter = Meter(settings.steps, first_step, elapsed)
     stopped_early, step = False, first_step
-    for step in range(first_step + 1, settings.steps + 1):
-        model.train()
-        lr = learning_rate(step - 1, settings.lr, settings.steps, settings.warmup_steps, 0.0)
-        set_learning_rate(optimizer, lr)
-        inputs, targets = batches.next()
-        tokens = with_bos(inputs, group.order).to(device)
-        targets = torch.as_tensor(targets.astype(np.int64)).to(device)
-        with mixed_precision(device):
-            logits = element_logits(model, tokens, group.order)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        check_finite(loss, name, step, lr)
-        loss.backward()
-        clip_and_step(model, optimizer, settings.grad_clip)
-        progress.add_loss(loss.item())
-        meter.count(tokens.numel())
-        if meter.line_due(PROGRESS_SECONDS):
-            log(f"[state_tracking] {name} step {step}/{settings.steps} loss {loss.item():.4f} "
-                f"{meter.reading(step).text()}")
-        if step % settings.eval_every == 0 or step == settings.steps:
-            ended, stopped_early = _evaluate(model, group, validation_set, settings, device, step, lr, progress,
-                                             meter, name, log)
-            if ended:
-                break
-            if resume_dir is not None and step < settings.steps:
-                save_resume_state(resume_dir, {
-                    "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "progress": vars(progress), "batches": batches.state(), "torch_rng": torch.get_rng_state(),
-                    "elapsed_s": meter.elapsed()}, fingerprint)
+    with StopSignals(active=resume_dir is not None) as stop:
+        for step in range(first_step + 1, settings.steps + 1):
+            loss, lr, tokens = _training_step(model, optimizer, batches, group, settings, step, device, name)
+            progress.add_loss(loss)
+            meter.count(tokens)
+            if meter.line_due(PROGRESS_SECONDS):
+                log(f"[state_tracking] {name} step {step}/{settings.steps} loss {loss:.4f} "
+                    f"{meter.reading(step).text()}")
+            saved = False
+            if step % settings.eval_every == 0 or step == settings.steps:
+                ended, stopped_early = _evaluate(model, group, validation_set, settings, device, step, lr,
+                                                 progress, meter, name, log)
+                rows_file.append(progress.history[-1])
+                if ended:
+                    break
+                if resume_dir is not None and step < settings.steps:
+                    save(step)
+                    saved = True
+            if stop.requested and step < settings.steps:
+                if not saved:
+                    save(step)
+                raise TrainingStopped(stop.requested, step, resume_dir)
     model.load_state_dict(progress.best_state)
     return TrainingResult(model=model.eval(), history=progress.history, best_step=progress.best_step,
                           best_val_seq_acc=progress.best_accuracy, steps_run=step, stopped_early=stopped_early,
                           final_train_loss=float(np.mean(progress.recent_losses)), train_seconds=meter.elapsed())
+
+
+def _training_step(model, optimizer, batches: TrainingBatches, group: Group, settings: StateTrackingTraining,
+                   step: int, device: str, name: str) -> tuple[float, float, int]:
+    """One optimizer step (step 1..steps) on the next batch; returns (its loss, its learning rate,
+    the tokens it read)."""
+    model.train()
+    lr = learning_rate(step - 1, settings.lr, settings.steps, settings.warmup_steps, 0.0)
+    set_learning_rate(optimizer, lr)
+    inputs, targets = batches.next()
+    tokens = with_bos(inputs, group.order).to(device)
+    targets = torch.as_tensor(targets.astype(np.int64)).to(device)
+    with mixed_precision(device):
+        logits = element_logits(model, tokens, group.order)
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    check_finite(loss, name, step, lr)
+    loss.backward()
+    clip_and_step(model, optimizer, settings.grad_clip)
+    return loss.item(), lr, tokens.numel()
 
 
 def _resume(resume_dir, fingerprint: dict, model, optimizer, batches: TrainingBatches, name: str, log):

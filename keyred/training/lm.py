@@ -8,9 +8,11 @@ under torchrun, each taking its share of every step's windows; rank 0 logs and w
 float32 on CPU.
 
 Resume: every `checkpoint_every` steps the model, optimizer and loss rows go to the resume
-folder (keyred.training.resume). A run started again with the same settings continues from
-there; the batch order is a function of (seed, step) only, so on CPU the resumed run ends with
-exactly the loss of an uninterrupted one. A NaN or infinite loss stops the run with a message
+folder (keyred.training.resume), and so they do at the next step boundary after SIGUSR1 or
+SIGTERM, after which the run raises TrainingStopped. A run started again with the same settings
+continues from there; the batch order is a function of (seed, step) only, so on CPU the resumed
+run ends with exactly the loss of an uninterrupted one. Each loss row is also appended to the
+resume folder's rows.csv as it is logged. A NaN or infinite loss stops the run with a message
 naming the step; the last resume state (the last good one) is kept.
 """
 
@@ -33,7 +35,8 @@ from keyred.training.distributed import Distributed, mean_over_processes
 from keyred.training.meter import Meter
 from keyred.training.optimizer import (build_optimizer, check_finite, clip_and_step, learning_rate,
                                        set_learning_rate)
-from keyred.training.resume import RESUME_FILE, load_resume_state, save_resume_state
+from keyred.training.resume import (RESUME_FILE, RowsFile, StopSignals, TrainingStopped, load_resume_state,
+                                    save_resume_state)
 
 BETAS = (0.9, 0.95)
 
@@ -65,6 +68,7 @@ class ModelChoice:
     family: str
     size: str
     pretrained: str | None
+    revision: str | None               # of `pretrained` (a branch, tag or commit sha; None: main)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,24 +136,45 @@ def train_language_model(name: str, model_choice: ModelChoice, packed: str | Pat
             log(f"[train] {name}: resuming from {Path(resume_dir) / RESUME_FILE} at step {first_step}")
 
     progress = _Progress(name, model, data, settings, device, order.global_batch * settings.seq_len,
-                         Meter(settings.steps, first_step, elapsed), rows, log)
-    for step in range(first_step, settings.steps):
-        lr = learning_rate(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
-        set_learning_rate(optimizer, lr)
-        step_loss = _accumulate_gradients(trained, data.train, order.rows(step), settings, where, device)
-        step_loss = mean_over_processes(step_loss, where)
-        check_finite(step_loss, name, step, lr)
-        clip_and_step(model, optimizer, settings.grad_clip)
-        progress.meter.count(progress.step_tokens)
-        done = step + 1
-        if where.is_main:
-            progress.after_step(done, step_loss.item(), lr)
-        if where.is_main and resume_dir is not None and settings.checkpoint_every \
-                and done % settings.checkpoint_every == 0 and done < settings.steps:
-            save_resume_state(resume_dir, {"step": done, "model": model.state_dict(),
-                                           "optimizer": optimizer.state_dict(), "rows": rows,
-                                           "elapsed_s": progress.meter.elapsed()}, fingerprint)
+                         Meter(settings.steps, first_step, elapsed), rows, log,
+                         RowsFile(resume_dir if where.is_main else None, rows))
+
+    def save(done: int) -> None:
+        save_resume_state(resume_dir, {"step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "rows": rows, "elapsed_s": progress.meter.elapsed()}, fingerprint)
+
+    with StopSignals(active=resume_dir is not None) as stop:
+        for step in range(first_step, settings.steps):
+            lr = learning_rate(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
+            set_learning_rate(optimizer, lr)
+            step_loss = _accumulate_gradients(trained, data.train, order.rows(step), settings, where, device)
+            step_loss = mean_over_processes(step_loss, where)
+            check_finite(step_loss, name, step, lr)
+            clip_and_step(model, optimizer, settings.grad_clip)
+            progress.meter.count(progress.step_tokens)
+            done = step + 1
+            if where.is_main:
+                progress.after_step(done, step_loss.item(), lr)
+            checkpoint_due = resume_dir is not None and settings.checkpoint_every \
+                and done % settings.checkpoint_every == 0 and done < settings.steps
+            if where.is_main and checkpoint_due:
+                save(done)
+            if stop.active and done < settings.steps and _stop_agreed(stop.requested, where, device):
+                if where.is_main and not checkpoint_due:
+                    save(done)
+                if where.world_size > 1:
+                    torch.distributed.barrier()         # every process waits for rank 0's save
+                raise TrainingStopped(stop.requested or "a stop signal (to another process)", done, resume_dir)
     return model.eval(), rows
+
+
+def _stop_agreed(requested: str | None, where: Distributed, device: str) -> bool:
+    """Whether any process was asked to stop (every process must stop after the same step)."""
+    if where.world_size == 1:
+        return requested is not None
+    flag = torch.tensor(float(requested is not None), device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _accumulate_gradients(trained, windows: np.ndarray, step_rows: np.ndarray, settings: TrainSettings,
@@ -184,6 +209,7 @@ class _Progress:
     meter: Meter
     rows: list
     log: object
+    rows_file: RowsFile
 
     def after_step(self, done: int, loss: float, lr: float) -> None:
         """After step `done`: a loss row and a progress line when one is due (the first step, every
@@ -199,6 +225,7 @@ class _Progress:
         self.rows.append(dict(step=done, loss=loss, lr=lr, tokens_per_s=reading.tokens_per_s,
                               elapsed_s=reading.elapsed_s, val_loss=val_loss,
                               unigram_val_loss=self.data.unigram_val_loss, tokens=done * self.step_tokens))
+        self.rows_file.append(self.rows[-1])
         self.log(f"[train] {self.name} step {done}/{settings.steps} loss {loss:.4f}"
                  + (f" val {val_loss:.4f}" if evaluate_now else "") + f" lr {lr:.2e} {reading.text()}")
         self.meter.restart_window()
@@ -208,7 +235,8 @@ def score_pretrained(name: str, model_choice: ModelChoice, packed: str | Path, s
                      device: str, log=print):
     """Load the hub model `model_choice.pretrained` (network needed); return (model, one row with its
     validation loss next to the unigram baseline)."""
-    model, _ = load_checkpoint(model_choice.pretrained, device=device)
+    model, _ = load_checkpoint(model_choice.pretrained, device=device, revision=model_choice.revision,
+                               key=f"models.{name}.pretrained")
     if model.config.model_type != model_choice.family:
         raise ConfigError(f"config key 'models.{name}.pretrained': {model_choice.pretrained} is a "
                           f"{model.config.model_type} model, but models.{name}.family is {model_choice.family}")

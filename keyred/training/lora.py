@@ -9,7 +9,9 @@ windows of seq_len tokens of the packed train split in the seeded order of
 keyred.training.batches.BatchOrder.
 
 LoRA targets must be linear layers that the model calls through their forward, otherwise peft's
-wrapper is never run and the adapter is silently ignored (see `lora_targets`).
+wrapper is never run and the adapter is silently ignored (see `lora_targets`). The adapter can be
+kept (`save_adapter`: peft's save_pretrained before merging, plus the train_extra weights), and
+`lora_record` is what a recovered checkpoint's keyred.json records of the LoRA settings.
 
 Distillation (`distill`): the teacher is the unpruned parent checkpoint (keyred.json `parent` of
 the input, or an explicit one). Per token, with temperature T and weight w,
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from fla.modules import GatedMLP, ShortConvolution
 from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 from keyred.config import ConfigError, section_settings
@@ -38,9 +41,12 @@ from keyred.training.batches import BatchOrder, validation_loss, validation_wind
 from keyred.training.meter import Meter
 from keyred.training.optimizer import (build_optimizer, check_finite, clip_and_step, learning_rate,
                                        set_learning_rate)
+from keyred.training.resume import (RESUME_FILE, RowsFile, StopSignals, TrainingStopped, load_resume_state,
+                                    save_resume_state)
 
 SECTION = "reduction.finetune"
 BETAS = (0.9, 0.95)
+EXTRA_FILE = "extra_parameters.safetensors"   # beside a saved adapter: what train_extra trained in full
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,9 +191,17 @@ def training_loss(model, tokens, settings: FinetuneSettings, teacher=None):
 
 # -------------------------------------------------------------------------------------- training
 
-def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str, teacher=None, log=print):
+def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str, teacher=None, log=print,
+             adapter_dir: str | Path | None = None, resume_dir: str | Path | None = None, source=None):
     """LoRA-finetune `model` (on `device`; modified in place) on the packed train split, merge the
-    adapters and return (merged model, loss rows, summary).
+    adapters and return (merged model, loss rows, summary). With `adapter_dir` the adapter is saved
+    there first (save_adapter, before merging; its base is `model.name_or_path`).
+
+    With `resume_dir`, SIGUSR1 or SIGTERM saves the trainable parameters, the optimizer, the rows
+    and torch's RNG there at the next step boundary and raises TrainingStopped; started again with
+    the same settings and `source` (what identifies the input checkpoint and teacher, any picklable
+    value) it continues from that step, on CPU to exactly the uninterrupted result. The rows are
+    appended to the folder's rows.csv as they are logged (keyred.training.resume).
 
     Rows: step, loss, lm_loss, kl_loss (NaN without a teacher), lr, tokens_per_s, elapsed_s, tokens,
     val_loss (before training at step 0, after merging at the last row, NaN elsewhere). Summary:
@@ -197,7 +211,11 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     windows = PackedTokens(packed, "train").sequences(settings.seq_len)
     val_windows = validation_windows(packed, settings.seq_len, settings.eval_sequences)
     name = f"finetune {model.config.model_type}"
-    val_loss_before = validation_loss(model, val_windows, settings.batch_size, device)
+    fingerprint = {"stage": "finetune", "settings": dataclasses.asdict(settings), "source": source,
+                   "teacher": teacher is not None}
+    state = load_resume_state(resume_dir, fingerprint)
+    val_loss_before = state["rows"][0]["val_loss"] if state else validation_loss(model, val_windows,
+                                                                                 settings.batch_size, device)
 
     torch.manual_seed(settings.seed)
     peft_model = add_lora(model, settings)
@@ -216,24 +234,33 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     nan = float("nan")
     rows = [dict(step=0, loss=nan, lm_loss=nan, kl_loss=nan, lr=0.0, tokens_per_s=nan, elapsed_s=0.0, tokens=0,
                  val_loss=val_loss_before)]
+    first_step, elapsed = 0, 0.0
+    if state is not None:
+        first_step, rows, elapsed = _restore(peft_model, optimizer, state)
+        log(f"[finetune] resuming from {Path(resume_dir) / RESUME_FILE} at step {first_step}")
+    rows_file = RowsFile(resume_dir, rows)
 
-    meter = Meter(settings.steps)
-    for step in range(settings.steps):
-        lr = learning_rate(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
-        set_learning_rate(optimizer, lr)
-        tokens = window_batch(windows, order.rows(step), device)
-        with mixed_precision(device):
-            loss, lm_loss, kl = training_loss(peft_model, tokens, settings, teacher)
-        check_finite(loss.detach(), name, step, lr)
-        loss.backward()
-        clip_and_step(peft_model, optimizer, settings.grad_clip)
-        meter.count(step_tokens)
-        done = step + 1
-        if step == 0 or done % settings.log_every == 0 or done == settings.steps:
-            rows.append(_progress_row(meter.reading(done), loss, lm_loss, kl, lr, step_tokens, settings.steps,
-                                      log))
-            meter.restart_window()
+    meter = Meter(settings.steps, first_step, elapsed)
+    with StopSignals(active=resume_dir is not None) as stop:
+        for step in range(first_step, settings.steps):
+            tokens = window_batch(windows, order.rows(step), device)
+            lr, loss, lm_loss, kl = _lora_step(peft_model, optimizer, tokens, step, settings, teacher, device, name)
+            meter.count(step_tokens)
+            done = step + 1
+            if step == 0 or done % settings.log_every == 0 or done == settings.steps:
+                rows.append(_progress_row(meter.reading(done), loss, lm_loss, kl, lr, step_tokens, settings.steps,
+                                          log))
+                rows_file.append(rows[-1])
+                meter.restart_window()
+            if stop.requested and done < settings.steps:
+                weights = {key: p.detach() for key, p in peft_model.named_parameters() if p.requires_grad}
+                save_resume_state(resume_dir, {"step": done, "trainable": weights, "rows": rows,
+                                               "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                                               "elapsed_s": meter.elapsed()}, fingerprint)
+                raise TrainingStopped(stop.requested, done, resume_dir)
 
+    if adapter_dir is not None:
+        save_adapter(peft_model, adapter_dir, settings)
     merged = peft_model.merge_and_unload().eval()
     val_loss_after = validation_loss(merged, val_windows, settings.batch_size, device)
     rows[-1]["val_loss"] = val_loss_after
@@ -242,6 +269,31 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     summary = dict(val_loss_before=val_loss_before, val_loss_after=val_loss_after, trainable_parameters=trainable,
                    seconds=seconds)
     return merged, rows, summary
+
+
+def _lora_step(peft_model, optimizer, tokens, step: int, settings: FinetuneSettings, teacher, device: str,
+               name: str):
+    """One optimizer step (0-based `step`) on token ids [B, T]; returns (lr, loss, lm_loss, kl)."""
+    lr = learning_rate(step, settings.lr, settings.steps, settings.warmup_steps, settings.min_lr_ratio)
+    set_learning_rate(optimizer, lr)
+    with mixed_precision(device):
+        loss, lm_loss, kl = training_loss(peft_model, tokens, settings, teacher)
+    check_finite(loss.detach(), name, step, lr)
+    loss.backward()
+    clip_and_step(peft_model, optimizer, settings.grad_clip)
+    return lr, loss, lm_loss, kl
+
+
+def _restore(peft_model, optimizer, state: dict) -> tuple[int, list, float]:
+    """Load a resume state of `finetune` into the adapters and the optimizer; return (steps taken,
+    rows, training seconds so far)."""
+    result = peft_model.load_state_dict(state["trainable"], strict=False)
+    if result.unexpected_keys:
+        raise ConfigError(f"the resume state names parameters this model does not have "
+                          f"({', '.join(result.unexpected_keys[:3])}); delete the resume folder to start afresh")
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"], state["rows"], state["elapsed_s"]
 
 
 def _progress_row(reading, loss, lm_loss, kl, lr: float, step_tokens: int, steps: int, log) -> dict:
@@ -253,6 +305,29 @@ def _progress_row(reading, loss, lm_loss, kl, lr: float, step_tokens: int, steps
     return dict(step=reading.done, loss=loss.item(), lm_loss=lm_loss.item(), kl_loss=kl_value, lr=lr,
                 tokens_per_s=reading.tokens_per_s, elapsed_s=reading.elapsed_s, tokens=reading.done * step_tokens,
                 val_loss=float("nan"))
+
+
+def save_adapter(peft_model, folder: str | Path, settings: FinetuneSettings) -> None:
+    """Save the adapter of `peft_model` (before merging) into `folder` with peft's save_pretrained,
+    and with train_extra the parameters it trained in full (EXTRA_FILE, by the base model's names):
+    `PeftModel.from_pretrained(base, folder)`, those loaded into the base (load_state_dict with
+    strict=False), then merged, gives the merged model again."""
+    peft_model.save_pretrained(folder)
+    if settings.train_extra:
+        base = peft_model.get_base_model()
+        tensors = {name: base.get_parameter(name).detach().to("cpu").contiguous()
+                   for name in extra_parameter_names(base)}
+        save_file(tensors, str(Path(folder) / EXTRA_FILE), metadata={"format": "pt"})
+
+
+def lora_record(settings: FinetuneSettings, adapter: str | None) -> dict:
+    """The LoRA settings a recovered checkpoint's keyred.json records under "lora" (the full
+    settings are under "settings"); `adapter`: the folder of the saved adapter, relative to the
+    checkpoint (keyred.checkpoints.ADAPTER_FOLDER), or None."""
+    return {"rank": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
+            "target_modules": list(settings.target_modules), "bias": "none", "train_extra": settings.train_extra,
+            "distill": settings.distill, "steps": settings.steps, "lr": settings.lr, "adapter": adapter,
+            "adapter_extra": EXTRA_FILE if adapter and settings.train_extra else None}
 
 
 def teacher_source(info, explicit: str | None) -> str:

@@ -1,29 +1,46 @@
 # State-rank analysis (keyred.stages.analyse): one job per reduced model for its unpruned checkpoint and
 # one per (model, method) for that method's checkpoint at every ratio (analysis.stage), one job for
 # every state-tracking run; then the tables and figures.
+#
+# Group "state_rank": these jobs are short (seconds on the tiny models, minutes on a GPU): one per
+# model x method, and the one of the state-tracking runs. Locally a group means nothing. On a cluster Snakemake submits a
+# group as one job; a group spans only jobs connected in the DAG, and these are not, so the SLURM
+# profile sets `group-components: [state_rank=8]` to submit 8 of them per sbatch job, run side by
+# side (the group job asks for the sum of their memory, GPUs and CPUs and the longest wall time).
 
 
 rule state_rank_model:
     input:
-        checkpoint=lambda wildcards: model_path(wildcards.model, "checkpoint") if wildcards.method == "unpruned"
-        else reduction_path(wildcards.model, wildcards.method),
+        checkpoint=lambda wildcards: (
+            model_path(wildcards.model, "checkpoint")
+            if wildcards.method == "unpruned"
+            else reduction_path(wildcards.model, wildcards.method)
+        ),
         packed=data_path("packed"),
     output:
         analysis_path("{model}", "{method}.csv"),
+    log:
+        log_path("analysis", "{model}", "{method}.log"),
+    benchmark:
+        benchmark_path("analysis", "{model}", "{method}.tsv")
     wildcard_constraints:
         method="|".join(["unpruned", *METHODS]),
+    group:
+        "state_rank"
+    conda:
+        "../envs/keyred.yaml"
+    threads: config["threads"]
+    resources:
+        **model_resources("analysis"),
     params:
+        python=interpreter(),
         checkpoints=analysed_checkpoints,
         options=f"--seq-len {ANALYSIS['seq_len']} --stride {ANALYSIS['stride']}",
         device=config["device"],
         code=code_digest("keyred.stages.analyse"),
-    threads: config["threads"]
-    resources:
-        **model_resources("analysis"),
-    log:
-        log_path("analysis", "{model}", "{method}.log"),
+        versions=package_versions_digest(),
     shell:
-        "{PYTHON} -m keyred.stages.analyse {params.checkpoints} --name {wildcards.model} --packed {input.packed}"
+        "{params.python} -m keyred.stages.analyse {params.checkpoints} --name {wildcards.model} --packed {input.packed}"
         " {params.options} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -37,14 +54,19 @@ rule state_rank_tables:
         over_time=reported("fig_state_rank_over_time"),
         heatmap=reported("fig_state_rank_heatmap"),
         scatter=reported("fig_state_rank_vs_perplexity"),
+    log:
+        log_path("state_rank_tables.log"),
+    benchmark:
+        benchmark_path("state_rank_tables.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
     params:
         ratio=ANALYSIS["ratio"],
         stage=ANALYSIS["stage"],
         code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
-    log:
-        log_path("state_rank_tables.log"),
     script:
         "../scripts/state_rank_tables.py"
 
@@ -54,18 +76,26 @@ rule state_tracking_rank:
         tracking_runs("checkpoint"),
     output:
         reported("table_state_tracking_rank"),
+    log:
+        log_path("analysis", "state_tracking.log"),
+    benchmark:
+        benchmark_path("analysis", "state_tracking.tsv")
+    group:
+        "state_rank"
+    conda:
+        "../envs/keyred.yaml"
+    threads: config["threads"]
+    resources:
+        **stage_resources("state_tracking"),
     params:
+        python=interpreter(),
         checkpoints=lambda wildcards, input: " ".join(f"--checkpoint {folder}" for folder in input),
         stride=ANALYSIS["stride"],
         device=config["device"],
         code=code_digest("keyred.stages.analyse"),
-    threads: config["threads"]
-    resources:
-        **stage_resources("state_tracking"),
-    log:
-        log_path("analysis", "state_tracking.log"),
+        versions=package_versions_digest(),
     shell:
-        "{PYTHON} -m keyred.stages.analyse {params.checkpoints} --stride {params.stride}"
+        "{params.python} -m keyred.stages.analyse {params.checkpoints} --stride {params.stride}"
         " --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
 
 
@@ -74,11 +104,16 @@ rule state_tracking_rank_figure:
         output_of("table_state_tracking_rank"),
     output:
         reported("fig_state_tracking_rank"),
-    params:
-        code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
     log:
         log_path("state_tracking_rank_figure.log"),
+    benchmark:
+        benchmark_path("state_tracking_rank_figure.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
+    params:
+        code=code_digest("keyred.figures"),
     script:
         "../scripts/state_tracking_rank_figure.py"

@@ -9,34 +9,46 @@ from keyred.bench.spec import bench_spec
 rule bench_mixer:
     output:
         bench_path("mixer.csv"),
-    params:
-        spec=bench_spec(config, "mixer"),
-        device=config["device"],
-        code=code_digest("keyred.stages.bench"),
+    log:
+        log_path("bench", "mixer.log"),
+    benchmark:
+        benchmark_path("bench", "mixer.tsv")
+    conda:
+        "../envs/keyred.yaml"
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
-    log:
-        log_path("bench", "mixer.log"),
+    params:
+        python=interpreter(),
+        spec=bench_spec(config, "mixer"),
+        device=config["device"],
+        code=code_digest("keyred.stages.bench"),
+        versions=package_versions_digest(),
     shell:
-        "{PYTHON} -m keyred.stages.bench mixer --spec {params.spec:q} --device {params.device} --threads {threads}"
+        "{params.python} -m keyred.stages.bench mixer --spec {params.spec:q} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 
 rule bench_decode:
     output:
         bench_path("decode.csv"),
-    params:
-        spec=bench_spec(config, "decode"),
-        device=config["device"],
-        code=code_digest("keyred.stages.bench"),
+    log:
+        log_path("bench", "decode.log"),
+    benchmark:
+        benchmark_path("bench", "decode.tsv")
+    conda:
+        "../envs/keyred.yaml"
     threads: config["threads"]
     resources:
         **stage_resources("bench_shapes"),
-    log:
-        log_path("bench", "decode.log"),
+    params:
+        python=interpreter(),
+        spec=bench_spec(config, "decode"),
+        device=config["device"],
+        code=code_digest("keyred.stages.bench"),
+        versions=package_versions_digest(),
     shell:
-        "{PYTHON} -m keyred.stages.bench decode --spec {params.spec:q} --device {params.device} --threads {threads}"
+        "{params.python} -m keyred.stages.bench decode --spec {params.spec:q} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
 
@@ -46,17 +58,23 @@ rule bench_models:
         reduced=expand(reduction_path("{{model}}", "{method}"), method=REDUCTION["methods"]),
     output:
         bench_path("models", "{model}.csv"),
-    params:
-        spec=bench_spec(config, "model"),
-        device=config["device"],
-        code=code_digest("keyred.stages.bench"),
+    log:
+        log_path("bench", "models", "{model}.log"),
+    benchmark:
+        benchmark_path("bench", "models", "{model}.tsv")
+    conda:
+        "../envs/keyred.yaml"
     threads: config["threads"]
     resources:
         **model_resources("bench"),
-    log:
-        log_path("bench", "models", "{model}.log"),
+    params:
+        python=interpreter(),
+        spec=bench_spec(config, "model"),
+        device=config["device"],
+        code=code_digest("keyred.stages.bench"),
+        versions=package_versions_digest(),
     shell:
-        "{PYTHON} -m keyred.stages.bench model --name {wildcards.model} --checkpoints {input.checkpoint}"
+        "{params.python} -m keyred.stages.bench model --name {wildcards.model} --checkpoints {input.checkpoint}"
         " --reductions {input.reduced} --spec {params.spec:q} --device {params.device} --threads {threads}"
         " --out {output} > {log} 2>&1"
 
@@ -73,12 +91,17 @@ rule bench_tables:
         scaling=reported("fig_key_dim_scaling"),
         models=reported_all("table_bench_models") if REDUCTION["methods"] else [],
         pareto=reported_all("fig_quality_vs_speed") if REDUCTION["methods"] else [],
+    log:
+        log_path("bench_tables.log"),
+    benchmark:
+        benchmark_path("bench_tables.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
     params:
         reference_key_dim=max(BENCH["shape"]["key_dims"]),
         code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
-    log:
-        log_path("bench_tables.log"),
     script:
         "../scripts/bench_tables.py"

@@ -1,6 +1,9 @@
 # Configuration check, path helpers, wildcard constraints and target lists. No rules here.
 import os
 import sys
+from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)  # keyred importable without installation
 
@@ -8,8 +11,8 @@ import keyred.specs as specs
 from keyred.checkpoints import reduced_checkpoint
 from keyred.config import ConfigError, validate_config
 from keyred.data.groups import group_order
-from keyred.provenance import code_digest
-from keyred.reduction.methods import METHODS
+from keyred.provenance import code_digest, package_versions_digest
+from keyred.reduction.methods import METHODS, check_reduction_limits
 from keyred.resources import KEYS as RESOURCE_KEYS, job_resources
 
 try:
@@ -17,12 +20,22 @@ try:
     for _group in config["state_tracking"]["groups"]:
         group_order(_group)  # too large: the message shows the name grammar
     specs.check_config(config)  # what the schema cannot state (between sections)
+    check_reduction_limits(config)  # d_k' of every ratio on every reduced model's d_k
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 except ValueError as error:
     raise WorkflowError(f"config key 'state_tracking.groups': {error}") from None
 
-PYTHON = sys.executable  # the interpreter running Snakemake (the project's venv), for every job
+
+def interpreter():
+    """The Python of every job (a rule's `python` param): the one running Snakemake (the project's
+    venv), or under `--sdm conda` the `python` of the activated workflow/envs/keyred.yaml. A Path:
+    Snakemake records only plain values as params, so moving the venv re-runs nothing."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return Path("python")
+    return Path(sys.executable)
+
+
 LAYOUT = specs.layout(config)  # every output path (keyred.specs.Layout, also used by `keyred <stage> --config`)
 MODELS = sorted(config["models"])
 
@@ -80,8 +93,13 @@ def log_path(*parts):
     return LAYOUT.log(*parts)
 
 
+def benchmark_path(*parts):
+    """Wall time and memory of one job (its `benchmark:` file, beside results/logs/ as results/benchmarks/)."""
+    return path("benchmarks", *parts)
+
+
 def train_spec(model):
-    """Exactly the config values the training of `model` reads (a rule param: changing one reruns it)."""
+    """Exactly the config values the training of `model` reads (a param of its job: changing one reruns it)."""
     return specs.train_spec(config, model)
 
 
@@ -124,8 +142,30 @@ def tracking_runs(name):
 
 def tracking_spec(wildcards):
     """Exactly the config values one state-tracking run reads (a rule param)."""
-    return specs.tracking_spec(config, wildcards.group, int(wildcards.n_h), wildcards.eig, int(wildcards.layers),
-                               int(wildcards.seed))
+    return specs.tracking_spec(
+        config, wildcards.group, int(wildcards.n_h), wildcards.eig, int(wildcards.layers), int(wildcards.seed)
+    )
+
+
+def tracking_data(name):
+    """The word-problem file `name` (a set of keyred.tracking.spec.word_problem_sets) of the runs of
+    one group and seed (wildcards group, seed)."""
+    return LAYOUT.word_problems("{group}", "{seed}", f"{name}.csv")
+
+
+def tracking_data_files():
+    """Every word-problem file of one group and seed, by set name (train only with train_samples > 0)."""
+    return {name: tracking_data(name) for name in specs.tracking_data_sets(config)}
+
+
+def tracking_data_spec(wildcards):
+    """Exactly the config values the word problems of one group and seed depend on (a rule param)."""
+    return specs.tracking_data_spec(config, wildcards.group, int(wildcards.seed))
+
+
+def tracking_data_options(wildcards, input):
+    """The --<set>-data options of one state-tracking run: its word-problem files."""
+    return " ".join(f"--{name}-data {input[name]}" for name in specs.tracking_data_sets(config))
 
 
 def bench_path(*parts):
@@ -141,8 +181,10 @@ def analysed_checkpoints(wildcards, input):
     reduce output folder, or the unpruned model."""
     if wildcards.method == "unpruned":
         return f"--checkpoint {input.checkpoint}"
-    return " ".join(f"--checkpoint {reduced_checkpoint(input.checkpoint, ratio, ANALYSIS['stage'])}"
-                    for ratio in REDUCTION["ratios"])
+    return " ".join(
+        f"--checkpoint {reduced_checkpoint(input.checkpoint, ratio, ANALYSIS['stage'])}"
+        for ratio in REDUCTION["ratios"]
+    )
 
 
 def state_rank_runs():
@@ -162,8 +204,10 @@ def reported_outputs():
         "fig_length_extrapolation": ("Language models", [path("figures", "length_extrapolation.png")]),
         "table_state_tracking_summary": ("State tracking", [path("tables", "state_tracking_summary.csv")]),
         "table_state_tracking_curves": ("State tracking", [path("tables", "state_tracking_curves.csv")]),
-        "fig_state_tracking_accuracy": ("State tracking", [path("figures", f"state_tracking_{group}.png")
-                                                               for group in TRACKING_GROUPS]),
+        "fig_state_tracking_accuracy": (
+            "State tracking",
+            [path("figures", f"state_tracking_{group}.png") for group in TRACKING_GROUPS],
+        ),
         "fig_state_tracking_outcomes": ("State tracking", [path("figures", "state_tracking_outcomes.png")]),
         "table_bench_mixer": ("Speed and memory", [path("tables", "bench_mixer.csv")]),
         "table_bench_decode": ("Speed and memory", [path("tables", "bench_decode.csv")]),
@@ -194,8 +238,12 @@ REPORTED = reported_outputs()
 def reported(name, index=0):
     """Output `index` of the figure or table `name`, flagged for the HTML report with its caption."""
     category, paths = REPORTED[name]
-    return report(paths[index], caption=os.path.join(workflow.basedir, "workflow", "report", f"{name}.rst"),
-                  category=category, labels={"name": name, "file": os.path.basename(paths[index])})
+    return report(
+        paths[index],
+        caption=os.path.join(workflow.basedir, "workflow", "report", f"{name}.rst"),
+        category=category,
+        labels={"name": name, "file": os.path.basename(paths[index])},
+    )
 
 
 def reported_all(name):
@@ -218,19 +266,27 @@ def all_targets():
     return checkpoints() + [output for _, paths in REPORTED.values() for output in paths]
 
 
-# Cluster resources, from the one table in keyred.resources: every rule's `resources:` is
+# Cluster resources, from the one table in keyred.resources: the resources of every job are
 # `**stage_resources(stage)` or `**model_resources(stage)` (mem_mb, runtime, gpu, cpus_per_gpu).
 def stage_resources(stage):
-    """Resources of a rule of `stage` that has no model: state_tracking, data or tables."""
-    return job_resources(stage, device=config["device"], threads=config["threads"],
-                         token_budget=config["corpus"]["token_budget"])
+    """Resources of a job of `stage` that has no model (state_tracking, data or tables)."""
+    return job_resources(
+        stage, device=config["device"], threads=config["threads"], token_budget=config["corpus"]["token_budget"]
+    )
 
 
 def model_resources(stage):
-    """Resources of a per-model rule (wildcard `model`) of `stage`: train, evaluate or reduce."""
+    """Resources of a per-model job (wildcard `model`) of `stage` (train, evaluate, reduce, bench, analysis)."""
+
     def of_model(wildcards):
         model = config["models"][wildcards.model]
-        return job_resources(stage, size=model["size"], family=model["family"], device=config["device"],
-                             gpus=config["train_gpus"], threads=config["threads"])
+        return job_resources(
+            stage,
+            size=model["size"],
+            family=model["family"],
+            device=config["device"],
+            gpus=config["train_gpus"],
+            threads=config["threads"],
+        )
 
     return {key: (lambda wildcards, key=key: of_model(wildcards)[key]) for key in RESOURCE_KEYS}

@@ -11,20 +11,24 @@ rule evaluate_lm:
     output:
         results=model_path("{model}", "evaluation.csv"),
         extrapolation=model_path("{model}", "length_extrapolation.csv"),
+    log:
+        log_path("evaluate_lm", "{model}.log"),
+    benchmark:
+        benchmark_path("evaluate_lm", "{model}.tsv")
+    conda:
+        "../envs/keyred.yaml"
+    threads: config["threads"]
+    resources:
+        **model_resources("evaluate"),
     params:
+        python=interpreter(),
         spec=evaluate_spec(),
         context=config["train"]["seq_len"],
         device=config["device"],
         code=code_digest("keyred.stages.evaluate"),
-    threads: config["threads"]
-    resources:
-        **model_resources("evaluate"),
-    log:
-        log_path("evaluate_lm", "{model}.log"),
-    benchmark:
-        path("benchmarks", "evaluate_lm", "{model}.tsv")
+        versions=package_versions_digest("lm-eval"),
     shell:
-        "{PYTHON} -m keyred.stages.evaluate --checkpoint {input.checkpoint} --tokenizer {input.tokenizer}"
+        "{params.python} -m keyred.stages.evaluate --checkpoint {input.checkpoint} --tokenizer {input.tokenizer}"
         " --heldout {input.corpus}/test.jsonl --heldout-tokens {input.packed}/test.npy --context {params.context}"
         " --spec {params.spec:q} --name {wildcards.model} --method none --ratio 0 --device {params.device}"
         " --threads {threads} --out {output.results} --extrapolation {output.extrapolation} > {log} 2>&1"
@@ -38,12 +42,17 @@ rule evaluation_tables:
         results=reported("table_evaluation"),
         extrapolation=reported("table_length_extrapolation"),
         figure=reported("fig_length_extrapolation"),
+    log:
+        log_path("evaluation_tables.log"),
+    benchmark:
+        benchmark_path("evaluation_tables.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
     params:
         context=config["train"]["seq_len"],
         code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
-    log:
-        log_path("evaluation_tables.log"),
     script:
         "../scripts/evaluation_tables.py"

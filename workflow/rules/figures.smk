@@ -7,11 +7,16 @@ rule training_loss_table:
     output:
         table=reported("table_training_loss"),
         figure=reported("fig_training_loss"),
-    params:
-        code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
     log:
         log_path("training_loss_table.log"),
+    benchmark:
+        benchmark_path("training_loss_table.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
+    params:
+        code=code_digest("keyred.figures"),
     script:
         "../scripts/training_loss.py"

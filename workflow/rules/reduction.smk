@@ -3,7 +3,6 @@
 
 
 rule reduce:
-    priority: 1
     input:
         checkpoint=model_path("{model}", "checkpoint"),
         packed=data_path("packed"),
@@ -11,21 +10,26 @@ rule reduce:
         tokenizer=data_path("tokenizer"),
     output:
         directory(reduction_path("{model}", "{method}")),
+    log:
+        log_path("reduce", "{model}", "{method}.log"),
+    benchmark:
+        benchmark_path("reduce", "{model}", "{method}.tsv")
+    priority: 1
+    conda:
+        "../envs/keyred.yaml"
+    threads: config["threads"]
+    resources:
+        **model_resources("reduce"),
     params:
+        python=interpreter(),
         spec=reduction_spec(),
         ratios=" ".join(str(ratio) for ratio in REDUCTION["ratios"]),
         context=config["train"]["seq_len"],
         device=config["device"],
         code=code_digest("keyred.stages.reduce"),
-    threads: config["threads"]
-    resources:
-        **model_resources("reduce"),
-    log:
-        log_path("reduce", "{model}", "{method}.log"),
-    benchmark:
-        path("benchmarks", "reduce", "{model}", "{method}.tsv")
+        versions=package_versions_digest("peft", "lm-eval"),
     shell:
-        "{PYTHON} -m keyred.stages.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
+        "{params.python} -m keyred.stages.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
         " --packed {input.packed} --corpus {input.corpus} --tokenizer {input.tokenizer}"
         " --method {wildcards.method} --ratios {params.ratios} --context {params.context}"
         " --spec {params.spec:q} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
@@ -38,11 +42,16 @@ rule reduction_tables:
     output:
         table=reported("table_reduction"),
         figure=reported("fig_reduction"),
-    params:
-        code=code_digest("keyred.figures"),
-    resources:
-        **stage_resources("tables"),
     log:
         log_path("reduction_tables.log"),
+    benchmark:
+        benchmark_path("reduction_tables.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
+    params:
+        code=code_digest("keyred.figures"),
     script:
         "../scripts/reduction_tables.py"
