@@ -42,7 +42,7 @@ def _start_worker() -> None:
 def run_one(label: str, seed: int, args: argparse.Namespace) -> dict:
     """Train one configuration with one seed, score it at 4k; return the numbers of its line."""
     from keyred.data.groups import build_group
-    from keyred.tracking.run import TEST_SEED_OFFSET
+    from keyred.tracking.spec import TEST_SEED_OFFSET
     from keyred.tracking.scoring import evaluate, longest_solved
     from keyred.tracking.spec import settings_from_spec
     from keyred.tracking.training import train_state_tracking

@@ -18,13 +18,13 @@ import functools
 import json
 import subprocess
 import sys
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
 from keyred.fla.families import FAMILIES, REGISTRY, check_family, key_head_dim, value_head_dim
 from keyred.io import atomic_dir, write_json, write_text
 from keyred.model_card import write_model_card
+from keyred import provenance
 from keyred.provenance import PACKAGE, PACKAGE_ROOT, code_digest
 
 METADATA_FILE = "keyred.json"
@@ -145,17 +145,15 @@ def reduced_checkpoints(folder: str | Path, stage: str) -> dict[float, Path]:
     return dict(sorted(found.items()))
 
 
+# The packages whose versions keyred.json records.
+CHECKPOINT_PACKAGES = (*provenance.MODEL_PACKAGES, "peft")
+
+
 def package_versions() -> dict[str, str]:
-    """Versions of the packages a checkpoint depends on."""
+    """Versions of keyred and of the packages a checkpoint depends on."""
     import keyred
 
-    versions = {"keyred": keyred.__version__}
-    for name in ("torch", "flash-linear-attention", "fla-core", "transformers", "triton", "peft"):
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return {"keyred": keyred.__version__, **provenance.package_versions(CHECKPOINT_PACKAGES)}
 
 
 @functools.lru_cache(maxsize=1)

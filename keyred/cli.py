@@ -127,7 +127,7 @@ def _reduce(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> l
              "--corpus", layout.data("corpus"), "--tokenizer", layout.data("tokenizer"), "--method", method,
              "--ratios", *map(str, reduction["ratios"]), "--context", str(config["train"]["seq_len"]),
              "--spec", specs.reduction_spec(config)] + _torch_options(config)
-            + ["--out", layout.reduction(model, method)])
+            + ["--out", layout.reduction(model, method), "--resume-dir", layout.reduction_resume(model, method)])
 
 
 def _track(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:

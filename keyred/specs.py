@@ -44,6 +44,10 @@ class Layout:
         """The output folder of one reduce job (checkpoints and tables of every ratio)."""
         return self.path("reduction", model, method)
 
+    def reduction_resume(self, model: str, method: str) -> str:
+        """Where a reduce job keeps its finished ratios and LoRA resume state until its output is written."""
+        return self.reduction(model, method) + ".resume"
+
     def tracking_run(self, group: str, n_h: Any, eig: str, layers: Any, seed: Any, *parts: Any) -> str:
         """One run of the state-tracking sweep; eig is a key of EIGENVALUE_RANGES (pos, neg)."""
         return self.path("state_tracking", group, f"nh{n_h}_{eig}_L{layers}", f"seed{seed}", *parts)

@@ -2,6 +2,7 @@
 its resume state saved and a distinct exit code, the retry resumes to exactly the uninterrupted
 losses (CPU, one thread), and the metric rows are on disk as they are logged."""
 import os
+import re
 import signal
 import time
 
@@ -171,3 +172,85 @@ def test_sigusr1_stops_lora_finetuning_and_the_retry_has_the_uninterrupted_losse
     pd.testing.assert_frame_equal(drop(rows), drop(whole_rows), check_exact=True)
     for (name, weight), (_, expected) in zip(merged.state_dict().items(), whole.state_dict().items()):
         assert torch.equal(weight, expected), name
+
+
+def test_a_reduce_job_stopped_in_its_second_lora_resumes_to_the_uninterrupted_tables_and_weights(
+        packed_wikipedia, tmp_path, monkeypatch, capsys, one_torch_thread):
+    """l1 at two ratios, 4 LoRA steps each (dropout on): SIGUSR1 in the second ratio's step 2 exits
+    with 75, the first ratio kept and the LoRA state of step 2 saved; a retry of other settings is
+    refused naming the state; the retry ends with the tables and weights of an uninterrupted run."""
+    import keyred.training.lora
+    from safetensors.torch import load_file
+
+    from keyred.checkpoints import (ADAPTER_FOLDER, REDUCED_STAGES, REDUCTION_TABLES, new_info, ratio_folder,
+                                    save_checkpoint)
+    from keyred.fla.models import build_model
+    from keyred.stages.reduce import main
+    from test_reduce import arguments, spec
+
+    parent = tmp_path / "parent"
+    save_checkpoint(build_model("gated_deltanet", "tiny", vocab_size=512, seed=0), parent,
+                    new_info("gated_deltanet", "tiny", stage="train", seed=0))
+    spec_json, ratios = spec(steps=4, log_every=1, dropout=0.1), ("0.25", "0.5")
+    whole = tmp_path / "whole" / "l1"
+    assert main(arguments(packed_wikipedia, parent, whole, "l1", ratios, spec_json)) == 0
+
+    real_step, calls = keyred.training.lora.clip_and_step, []
+
+    def signalled_in_the_second_lora_step_2(model, optimizer, grad_clip):
+        calls.append(1)
+        if len(calls) == 4 + 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        real_step(model, optimizer, grad_clip)
+
+    out = tmp_path / "run" / "l1"
+    resume = tmp_path / "run" / "l1.resume"
+    command = arguments(packed_wikipedia, parent, out, "l1", ratios, spec_json) + ["--resume-dir", str(resume)]
+    monkeypatch.setattr(keyred.training.lora, "clip_and_step", signalled_in_the_second_lora_step_2)
+    capsys.readouterr()
+    assert main(command) == STOPPED_EXIT_CODE
+    monkeypatch.undo()
+    assert "SIGUSR1 received: stopped after step 2" in capsys.readouterr().err
+    assert not out.exists()
+    assert {path.name for path in (resume / "ratio0.25").iterdir()} == {RESUME_FILE, *REDUCED_STAGES}
+    assert {path.name for path in (resume / "ratio0.5").iterdir()} == {RESUME_FILE, "pruned", "finetune"}
+    assert torch.load(resume / "ratio0.5" / "finetune" / RESUME_FILE, weights_only=False)["step"] == 2
+
+    other = arguments(packed_wikipedia, parent, out, "l1", ratios, spec(steps=4, log_every=1, dropout=0.2))
+    assert main(other + ["--resume-dir", str(resume)]) == 2
+    assert f"{resume / 'ratio0.25' / RESUME_FILE} was written by a run with other settings" in capsys.readouterr().err
+
+    assert main(command) == 0
+    logged = capsys.readouterr().out
+    assert "ratio 0.25: done in" in logged and "at step 2" in logged and "ratio 0.5: resuming" in logged
+    assert not resume.exists()
+    for name in REDUCTION_TABLES:
+        table, expected = (pd.read_csv(folder / REDUCTION_TABLES[name]) for folder in (out, whole))
+        timing = [column for column in TIMING if column in expected]
+        pd.testing.assert_frame_equal(table.drop(columns=timing), expected.drop(columns=timing), check_exact=True)
+    for ratio in ratios:
+        for stage, weights in [(stage, "model.safetensors") for stage in REDUCED_STAGES] + [
+                ("lora", f"{ADAPTER_FOLDER}/adapter_model.safetensors")]:
+            resumed, expected = (load_file(folder / ratio_folder(float(ratio)) / stage / weights)
+                                 for folder in (out, whole))
+            assert resumed.keys() == expected.keys()
+            for key in expected:
+                assert torch.equal(resumed[key], expected[key]), (ratio, stage, key)
+
+
+def test_every_rule_that_resumes_execs_its_stage_and_gets_the_signal_before_the_wall_time():
+    """A rule whose stage takes --resume-dir starts its command with `exec` (no shell in between to
+    die first) and the SLURM profile asks for SIGTERM before the wall time for it."""
+    import yaml
+
+    from conftest import REPO
+    from test_workflow import rule_blocks
+
+    resuming = {name: block for _, name, block in rule_blocks() if "--resume-dir" in block}
+    assert {"train_lm", "state_tracking_run", "reduce"} <= set(resuming)
+    for name, block in resuming.items():
+        assert re.search(r'shell:\n\s+"exec \{params\.python\} -m keyred\.stages\.', block), name
+    profile = yaml.safe_load((REPO / "profiles" / "slurm" / "profile.yaml").read_text())
+    signalled = {name for name, resources in profile["set-resources"].items()
+                 if "--signal=TERM@" in resources.get("slurm_extra", "")}
+    assert signalled == set(resuming)

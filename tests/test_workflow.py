@@ -288,7 +288,9 @@ ADDED_OPTIONS = {"state_tracking_run": (
     lambda m: f"--spec '{m['spec']}'{m['middle']} --out {m['out']} " + "".join(
         f"--{name}-data {m['results']}/data/word_problems/{m['group']}/seed{m['seed']}/{name}.csv "
         for name in (["train"] if json.loads(m["spec"])["train"]["train_samples"] else []) + ["validation", "test"])
-    + f"--resume-dir {m['out']}/resume >")}
+    + f"--resume-dir {m['out']}/resume >"),
+    # a reduce job keeps its finished ratios and LoRA resume state beside its output until it is written
+    "reduce": (r"--out (?P<out>\S+) >", lambda m: f"--out {m['out']} --resume-dir {m['out']}.resume >")}
 # Added on purpose since the recording, with values of the config: a training job is told the
 # evaluation's length-extrapolation windows, to refuse a seq_len the test split cannot hold.
 ADDED_CONFIG_OPTIONS = {"train_lm": (
@@ -298,7 +300,7 @@ ADDED_CONFIG_OPTIONS = {"train_lm": (
 # Jobs added on purpose since the recording: the word problems of each group and seed.
 ADDED_RULES = ("state_tracking_data",)
 # Rules whose command starts with `exec` since the recording: a training's signals reach it directly.
-EXEC_RULES = ("train_lm", "state_tracking_run")
+EXEC_RULES = ("train_lm", "state_tracking_run", "reduce")
 # Config keys added on purpose since the recording, at their defaults: the hub revisions.
 ADDED_SPEC_KEYS = {"corpus": lambda spec: {**spec, "hub_revision": None},
                    "tokenizer": lambda spec: {**spec, "hub_revision": None},

@@ -4,10 +4,14 @@ recover with LoRA, evaluate again (keyred.reduction.sweep).
     python -m keyred.stages.reduce --name deltanet_tiny --checkpoint results/models/deltanet_tiny/checkpoint \
         --packed results/data/packed --corpus results/data/corpus --tokenizer results/data/tokenizer \
         --method l1 --ratios 0.25 0.5 0.75 --context 128 \
-        --spec '{"prune": {...}, "finetune": {...}, "evaluate": {...}}' --out results/reduction/deltanet_tiny/l1
+        --spec '{"prune": {...}, "finetune": {...}, "evaluate": {...}}' --out results/reduction/deltanet_tiny/l1 \
+        --resume-dir results/reduction/deltanet_tiny/l1.resume
 
-Exit codes: 0 done, 2 bad input (settings, checkpoint, data; nothing written), 1 a non-finite
-LoRA loss.
+With --resume-dir, finished ratios and the LoRA loop in progress are kept there, SIGUSR1 or
+SIGTERM stops the job at the next LoRA step (or once the model in hand is saved), and the same
+command continues from there to the uninterrupted result; the folder is removed once --out is
+written. Exit codes: 0 done, 2 bad input (settings, checkpoint, data, a resume state of other
+settings; nothing written), 1 a non-finite LoRA loss, 75 stopped by a signal with its state saved.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from keyred.device import torch_device
 from keyred.reduction.methods import checkpoint_key_dim, new_key_dim
 from keyred.reduction.sweep import read_sections, reduce_model
 from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import STOPPED_EXIT_CODE, TrainingStopped
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--context", required=True, type=int, help="training context (length extrapolation)")
     parser.add_argument("--spec", required=True, help="JSON with the sections prune, finetune, evaluate")
     parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--resume-dir", default=None, help="folder for finished ratios and the LoRA resume state "
+                                                           "(kept until --out is written)")
     add_torch_options(parser)
     return parser
 
@@ -69,12 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         return bad_input(error)
     try:
         reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, sections, args.context,
-                     args.out, torch_device(args.device, args.threads), progress)
+                     args.out, torch_device(args.device, args.threads), progress, args.resume_dir)
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except TrainingStopped as error:
+        print(f"[reduce] {error}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
     progress(f"[reduce] wrote {args.out}")
     return 0
 

@@ -22,7 +22,6 @@ from keyred.data.groups import build_group
 from keyred.tracking.model import FAMILY, predict
 from keyred.tracking.scoring import curve_table, run_columns, score_predictions, summary_row, with_run_columns
 from keyred.tracking.spec import StateTrackingModel, StateTrackingTraining, word_problem_sets
-from keyred.tracking.spec import TEST_SEED_OFFSET  # noqa: F401 (imported from here by benchmarks/)
 from keyred.tracking.training import TrainingResult, train_state_tracking, word_problem_set
 
 STAGE = "state_tracking"

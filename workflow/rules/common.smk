@@ -113,6 +113,11 @@ def reduction_path(model, method):
     return LAYOUT.reduction(model, method)
 
 
+def reduction_resume_path(model, method):
+    """Where a reduce job keeps finished ratios and its LoRA resume state (not an output: kept on failure)."""
+    return LAYOUT.reduction_resume(model, method)
+
+
 def reduction_runs():
     return expand(reduction_path("{model}", "{method}"), model=REDUCED_MODELS, method=REDUCTION["methods"])
 

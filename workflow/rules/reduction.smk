@@ -1,5 +1,8 @@
 # Key reduction: one job per (model, method) prunes at every ratio, evaluates, recovers with LoRA
-# and evaluates again (keyred.stages.reduce); then the main comparison table and figure.
+# and evaluates again (keyred.stages.reduce); then the main comparison table and figure. A reduce
+# job keeps its finished ratios and the LoRA loop in progress in reduction/<model>/<method>.resume
+# until its output is written; a job that is stopped or fails continues from there when run again.
+# `exec`: the shell becomes the stage, so SLURM's signal before the wall time reaches it (profiles/slurm).
 
 
 rule reduce:
@@ -26,13 +29,15 @@ rule reduce:
         ratios=" ".join(str(ratio) for ratio in REDUCTION["ratios"]),
         context=config["train"]["seq_len"],
         device=config["device"],
+        resume=lambda wildcards: reduction_resume_path(wildcards.model, wildcards.method),
         code=code_digest("keyred.stages.reduce"),
         versions=package_versions_digest("peft", "lm-eval"),
     shell:
-        "{params.python} -m keyred.stages.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
+        "exec {params.python} -m keyred.stages.reduce --name {wildcards.model} --checkpoint {input.checkpoint}"
         " --packed {input.packed} --corpus {input.corpus} --tokenizer {input.tokenizer}"
         " --method {wildcards.method} --ratios {params.ratios} --context {params.context}"
-        " --spec {params.spec:q} --device {params.device} --threads {threads} --out {output} > {log} 2>&1"
+        " --spec {params.spec:q} --device {params.device} --threads {threads} --out {output}"
+        " --resume-dir {params.resume} > {log} 2>&1"
 
 
 rule reduction_tables:

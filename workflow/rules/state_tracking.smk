@@ -13,6 +13,7 @@ rule state_tracking_data:
         log_path("state_tracking_data", "{group}", "seed{seed}.log"),
     benchmark:
         benchmark_path("state_tracking_data", "{group}", "seed{seed}.tsv")
+    localrule: True
     conda:
         "../envs/keyred.yaml"
     resources:
