@@ -40,7 +40,7 @@ from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
 from keyred.training.lora import SECTION, check_targets, finetune, finetune_settings, lora_record, teacher_source
 from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import STOPPED_EXIT_CODE, TrainingStopped, remove_resume_state
+from keyred.training.resume import TrainingStopped, remove_resume_state, unfinished_training_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,12 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                                             args.resume_dir, source)
         except (ConfigError, CheckpointError) as error:
             return bad_input(error)
-        except NonFiniteLossError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-        except TrainingStopped as error:
-            print(f"[finetune] {error}", file=sys.stderr)
-            return STOPPED_EXIT_CODE
+        except (NonFiniteLossError, TrainingStopped) as error:
+            return unfinished_training_exit(error, "[finetune]")
 
         checkpoint = Path(args.checkpoint)
         tokenizer = load_tokenizer(checkpoint) if (checkpoint / "tokenizer.json").is_file() else None

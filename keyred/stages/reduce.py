@@ -29,7 +29,7 @@ from keyred.device import torch_device
 from keyred.reduction.methods import checkpoint_key_dim, new_key_dim
 from keyred.reduction.sweep import read_sections, reduce_model
 from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import STOPPED_EXIT_CODE, TrainingStopped
+from keyred.training.resume import TrainingStopped, unfinished_training_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,12 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                      args.out, torch_device(args.device, args.threads), progress, args.resume_dir)
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except TrainingStopped as error:
-        print(f"[reduce] {error}", file=sys.stderr)
-        return STOPPED_EXIT_CODE
+    except (NonFiniteLossError, TrainingStopped) as error:
+        return unfinished_training_exit(error, "[reduce]")
     progress(f"[reduce] wrote {args.out}")
     return 0
 

@@ -29,7 +29,7 @@ from keyred.device import torch_device
 from keyred.tracking.run import OUTPUTS, run_state_tracking, save_run
 from keyred.tracking.spec import settings_from_spec
 from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import STOPPED_EXIT_CODE, TrainingStopped, remove_resume_state
+from keyred.training.resume import TrainingStopped, remove_resume_state, unfinished_training_exit
 
 DATA_SETS = ("train", "validation", "test")      # --<set>-data options, in this order
 
@@ -64,13 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              args.resume_dir, data)
     except ConfigError as error:
         return bad_input(error)
-    except NonFiniteLossError as error:
-        kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
-        print(f"error: {error}{kept}", file=sys.stderr)
-        return 1
-    except TrainingStopped as error:
-        print(f"[state_tracking] {error}", file=sys.stderr)
-        return STOPPED_EXIT_CODE
+    except (NonFiniteLossError, TrainingStopped) as error:
+        return unfinished_training_exit(error, "[state_tracking]", args.resume_dir)
     save_run(args.out, model_settings, settings, result, curve, summary, history)
     remove_resume_state(args.resume_dir)
     print(f"[state_tracking] wrote {Path(args.out)}/checkpoint, curve.csv, summary.csv, history.csv")

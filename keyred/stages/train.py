@@ -52,7 +52,7 @@ from keyred.training.distributed import start_distributed, torchrun_command
 from keyred.training.lm import ModelChoice, TrainSettings, score_pretrained, train_language_model
 from keyred.training.optimizer import NonFiniteLossError
 from keyred.training.resume import (STOPPED_EXIT_CODE, ForwardStopSignals, TrainingStopped,
-                                    remove_resume_state)
+                                    remove_resume_state, unfinished_training_exit)
 
 MODULE = "keyred.stages.train"      # what torchrun runs in every process
 
@@ -130,13 +130,8 @@ def main(argv: list[str] | None = None) -> int:
                                                args.resume_dir, where, log)
     except ConfigError as error:
         return bad_input(error)
-    except NonFiniteLossError as error:
-        kept = f"; the last good state is kept in {args.resume_dir}" if args.resume_dir else ""
-        print(f"error: {error}{kept}", file=sys.stderr)
-        return 1
-    except TrainingStopped as error:
-        print(f"[train] {args.name}: {error}", file=sys.stderr)
-        return STOPPED_EXIT_CODE
+    except (NonFiniteLossError, TrainingStopped) as error:
+        return unfinished_training_exit(error, f"[train] {args.name}:", args.resume_dir)
     if not where.is_main:
         return 0
     stage = "pretrained" if model_choice.pretrained else "train"

@@ -32,6 +32,7 @@ import torch
 
 from keyred import io
 from keyred.config import ConfigError
+from keyred.training.optimizer import NonFiniteLossError
 
 RESUME_FILE = "state.pt"
 CORRUPT_SUFFIX = ".corrupt"    # an unreadable state is renamed to state.pt.corrupt
@@ -166,3 +167,16 @@ def remove_resume_state(resume_dir: str | Path | None) -> None:
     """Delete the resume folder (the run is complete); nothing when there is none."""
     if resume_dir is not None and Path(resume_dir).exists():
         shutil.rmtree(resume_dir)
+
+
+def unfinished_training_exit(error: NonFiniteLossError | TrainingStopped, label: str,
+                             resume_dir: str | Path | None = None) -> int:
+    """What a stage prints and returns when its training loop did not finish: a non-finite loss is
+    an error (exit 1; `resume_dir`, when given, is named as keeping the last good state), a stop
+    signal is `label: <what was saved>` (STOPPED_EXIT_CODE, so the retry resumes)."""
+    if isinstance(error, TrainingStopped):
+        print(f"{label} {error}", file=sys.stderr)
+        return STOPPED_EXIT_CODE
+    kept = f"; the last good state is kept in {resume_dir}" if resume_dir else ""
+    print(f"error: {error}{kept}", file=sys.stderr)
+    return 1
