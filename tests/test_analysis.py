@@ -280,7 +280,8 @@ def is_png(path) -> bool:
 
 
 def test_rank_figures_are_written(rank_csv, tmp_path):
-    from keyred.figures import plot_effective_rank_over_time, plot_utilisation_heatmap, plot_utilisation_over_time
+    from keyred.figures.ranks import plot_utilisation_heatmap, plot_utilisation_over_time
+    from keyred.figures.tracking import plot_effective_rank_over_time
 
     table = pd.read_csv(rank_csv)
     language = table[table["stage"] != "state_tracking"]
@@ -293,7 +294,7 @@ def test_rank_figures_are_written(rank_csv, tmp_path):
 
 
 def test_utilisation_vs_perplexity_scatter(tmp_path):
-    from keyred.figures import plot_utilisation_vs_perplexity
+    from keyred.figures.ranks import plot_utilisation_vs_perplexity
 
     runs = [("none", 0.0, "unpruned", 0.30, 40.0), ("l1", 0.5, "pruned", 0.45, 60.0), ("l1", 0.5, "lora", 0.40, 50.0),
             ("drrqr", 0.25, "lora", 0.35, 45.0), ("drrqr", 0.75, "lora", 0.60, 90.0)]

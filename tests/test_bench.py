@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO
 from dry_run_plan import dry_run_plan
-from keyred import figures
+from keyred.figures import bench as figures
 from keyred.bench.errors import BenchmarkError, InsufficientMemoryError
 from keyred.bench.memory import out_of_memory_as_error
 from keyred.bench.plan import (PASSES, BenchRequest, Timing, reduction_checkpoints, request_from_options,

@@ -465,7 +465,7 @@ def test_default_dag_end_to_end_and_incremental_reruns(workdir):
                                            "state_rank_tables": 1, "all": 1, "total": 24}
     assert "model=gated_deltanet_tiny" in result.stdout and "model=deltanet_tiny" not in result.stdout
     # a code change of one stage re-runs only that stage
-    figures = workdir / "keyred" / "figures.py"
+    figures = workdir / "keyred" / "figures" / "common.py"
     figures.write_text(figures.read_text() + "\n# a change\n")
     result = snakemake(workdir, "-n", "--cores", "2")
     assert planned_jobs(result.stdout) == {"training_loss_table": 1, "evaluation_tables": 1,

@@ -66,7 +66,7 @@ rule state_rank_tables:
     params:
         ratio=ANALYSIS["ratio"],
         stage=ANALYSIS["stage"],
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.ranks"),
     script:
         "../scripts/state_rank_tables.py"
 
@@ -114,6 +114,6 @@ rule state_tracking_rank_figure:
     resources:
         **stage_resources("tables"),
     params:
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.tracking"),
     script:
         "../scripts/state_tracking_rank_figure.py"

@@ -102,6 +102,6 @@ rule bench_tables:
         **stage_resources("tables"),
     params:
         reference_key_dim=max(BENCH["shape"]["key_dims"]),
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.bench"),
     script:
         "../scripts/bench_tables.py"

@@ -53,6 +53,6 @@ rule evaluation_tables:
         **stage_resources("tables"),
     params:
         context=config["train"]["seq_len"],
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.training"),
     script:
         "../scripts/evaluation_tables.py"

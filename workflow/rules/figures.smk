@@ -17,6 +17,6 @@ rule training_loss_table:
     resources:
         **stage_resources("tables"),
     params:
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.training"),
     script:
         "../scripts/training_loss.py"

@@ -57,6 +57,6 @@ rule reduction_tables:
     resources:
         **stage_resources("tables"),
     params:
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.reduction"),
     script:
         "../scripts/reduction_tables.py"

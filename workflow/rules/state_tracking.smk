@@ -75,7 +75,7 @@ rule state_tracking_tables:
     resources:
         **stage_resources("tables"),
     params:
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.common"),
     script:
         "../scripts/state_tracking_tables.py"
 
@@ -98,6 +98,6 @@ rule state_tracking_figures:
         **stage_resources("tables"),
     params:
         groups=TRACKING_GROUPS,
-        code=code_digest("keyred.figures"),
+        code=code_digest("keyred.figures.tracking"),
     script:
         "../scripts/state_tracking_figures.py"

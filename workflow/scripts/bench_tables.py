@@ -7,7 +7,8 @@ sys.stderr = open(snakemake.log[0], "w")
 import pandas as pd  # noqa: E402
 
 from keyred import io  # noqa: E402
-from keyred.figures import combine_tables, plot_key_dim_scaling, plot_quality_vs_speed  # noqa: E402
+from keyred.figures.bench import plot_key_dim_scaling, plot_quality_vs_speed  # noqa: E402
+from keyred.figures.common import combine_tables  # noqa: E402
 
 mixer = pd.read_csv(snakemake.input.mixer)
 decode = pd.read_csv(snakemake.input.decode)

@@ -4,7 +4,8 @@ import sys
 sys.stderr = open(snakemake.log[0], "w")
 
 from keyred import io  # noqa: E402
-from keyred.figures import combine_tables, plot_length_extrapolation  # noqa: E402
+from keyred.figures.common import combine_tables  # noqa: E402
+from keyred.figures.training import plot_length_extrapolation  # noqa: E402
 
 io.write_csv(snakemake.output.results, combine_tables(snakemake.input.results))
 extrapolation = combine_tables(snakemake.input.extrapolation)

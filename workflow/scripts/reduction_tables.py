@@ -5,7 +5,7 @@ import sys
 sys.stderr = open(snakemake.log[0], "w")
 
 from keyred import io  # noqa: E402
-from keyred.figures import plot_reduction, reduction_table  # noqa: E402
+from keyred.figures.reduction import plot_reduction, reduction_table  # noqa: E402
 
 table = reduction_table(snakemake.input.baselines, snakemake.input.reduced)
 io.write_csv(snakemake.output.table, table)

@@ -8,7 +8,8 @@ sys.stderr = open(snakemake.log[0], "w")
 import pandas as pd  # noqa: E402
 
 from keyred import io  # noqa: E402
-from keyred.figures import (combine_tables, plot_utilisation_heatmap, plot_utilisation_over_time,  # noqa: E402
+from keyred.figures.common import combine_tables  # noqa: E402
+from keyred.figures.ranks import (plot_utilisation_heatmap, plot_utilisation_over_time,  # noqa: E402
                             plot_utilisation_vs_perplexity, rank_summary)
 
 ranks = combine_tables(snakemake.input.ranks)

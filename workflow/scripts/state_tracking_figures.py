@@ -5,7 +5,7 @@ sys.stderr = open(snakemake.log[0], "w")
 
 import pandas as pd  # noqa: E402
 
-from keyred.figures import plot_accuracy_vs_length, plot_outcome_grid  # noqa: E402
+from keyred.figures.tracking import plot_accuracy_vs_length, plot_outcome_grid  # noqa: E402
 
 curves = pd.read_csv(snakemake.input.curves)
 summary = pd.read_csv(snakemake.input.summary)
