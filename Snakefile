@@ -29,6 +29,11 @@ include: "workflow/rules/benchmarks.smk"
 include: "workflow/rules/analysis.smk"
 
 
+if RECALL["models"]:  # the recall experiment (empty recall.models: off)
+
+    include: "workflow/rules/recall.smk"
+
+
 rule all:
     default_target: True
     input:
@@ -62,14 +67,19 @@ rule training_loss:
 rule evaluation:
     """Every language model's lm-eval results (one tidy table) and its length extrapolation."""
     input:
-        outputs_of("table_evaluation", "table_length_extrapolation", "fig_length_extrapolation"),
+        outputs_of(
+            "table_evaluation",
+            "table_length_extrapolation",
+            "table_length_extrapolation_blocks",
+            "fig_length_extrapolation",
+        ),
     localrule: True
 
 
 rule reduction:
     """Key reduction of every model x method x ratio, before and after LoRA: table and figure."""
     input:
-        outputs_of("table_reduction", "fig_reduction"),
+        outputs_of("table_reduction", "fig_reduction", *PAPER_TABLES),
     localrule: True
 
 
@@ -81,6 +91,22 @@ rule state_tracking:
             "table_state_tracking_curves",
             "fig_state_tracking_accuracy",
             "fig_state_tracking_outcomes",
+            "table_state_tracking_pruning",
+            "fig_state_tracking_pruning",
+        ),
+    localrule: True
+
+
+rule recall:
+    """Recall (MQAR): training, capacity curves, key reduction of every method and ratio before and after LoRA."""
+    input:
+        outputs_of(
+            "table_recall_training",
+            "table_recall_capacity",
+            "table_recall_reduction",
+            "table_recall_summary",
+            "fig_recall_reduction",
+            "fig_recall_capacity",
         ),
     localrule: True
 
@@ -106,6 +132,8 @@ rule state_rank:
             "fig_state_rank_over_time",
             "fig_state_rank_heatmap",
             "fig_state_rank_vs_perplexity",
+            "table_state_rank_correlation",
+            "fig_effective_rank_by_model",
             "table_state_tracking_rank",
             "fig_state_tracking_rank",
         ),

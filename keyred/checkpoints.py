@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from keyred.fla.families import FAMILIES, REGISTRY, check_family, key_head_dim, value_head_dim
+from keyred.fla.families import FAMILIES, REGISTRY, check_family, key_head_dim, value_head_dim, variant_of
 from keyred.io import atomic_dir, write_json, write_text
 from keyred.model_card import write_model_card
 from keyred import provenance
@@ -77,7 +77,9 @@ class CheckpointInfo:
 
     `extra` holds stage-specific fields (e.g. a pruning method, its ratio and kept indices; the
     LoRA settings under "lora"); `code` the stage module that wrote it, that module's code digest
-    and the git revision of keyred's source (code_record; empty in checkpoints of older keyred).
+    and the git revision of keyred's source (code_record; empty in checkpoints of older keyred);
+    `variant` what kind of model it is (keyred.fla.families.variant_of: n_h, eigenvalue range,
+    heads, d_k, d_v, gates, preset), filled in by save_checkpoint (empty in older checkpoints).
     """
 
     family: str
@@ -89,6 +91,7 @@ class CheckpointInfo:
     created: str
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     code: dict[str, Any] = dataclasses.field(default_factory=dict)   # code_record(): stage, digest, git revision
+    variant: dict[str, Any] = dataclasses.field(default_factory=dict)  # variant_of the saved config; {} before
 
 
 def table_stage(info: CheckpointInfo) -> str:
@@ -217,6 +220,7 @@ def save_checkpoint(model, path: str | Path, info: CheckpointInfo, tokenizer=Non
     if model.config.model_type != info.family:
         raise CheckpointError(f"model is {model.config.model_type!r} but the metadata says {info.family!r}")
     path = Path(path)
+    info = dataclasses.replace(info, variant=variant_of(model.config, lineage_preset(info)))
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         add_remote_code(tmp, info.family)
@@ -228,6 +232,21 @@ def save_checkpoint(model, path: str | Path, info: CheckpointInfo, tokenizer=Non
         write_model_card(tmp, card_facts(model, info, tokenizer=tokenizer is not None, adapter=adapter is not None,
                                          evaluation=evaluation))
     return path
+
+
+def lineage_preset(info: CheckpointInfo) -> str | None:
+    """The keyred.fla.variants preset a checkpoint descends from: the one its stage recorded
+    (extra["preset"], the train stage), else its parent checkpoint's (a pruned or recovered model
+    keeps its parent's), else None."""
+    if info.extra.get("preset") or info.variant.get("preset"):
+        return info.extra.get("preset") or info.variant.get("preset")
+    parent = Path(info.parent) / METADATA_FILE if info.parent else None
+    if parent is None or not parent.is_file():
+        return None
+    try:
+        return (json.loads(parent.read_text()).get("variant") or {}).get("preset")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 def add_remote_code(folder: Path, family: str) -> None:
@@ -280,7 +299,7 @@ def card_facts(model, info: CheckpointInfo, *, tokenizer: bool, adapter: bool,
         "evaluation": list(evaluation or []), "tokenizer": tokenizer, "adapter": adapter,
         "tokenizer_note": "a state-tracking model: group elements and a BOS token" if stage == STATE_TRACKING
                           else "none was given when it was written",
-        "versions": info.versions, "code": info.code,
+        "versions": info.versions, "code": info.code, "variant": info.variant or variant_of(config),
         "tags": ["keyred", "flash-linear-attention", info.family, stage],
         "base_model": info.parent if info.stage in ("pretrained", "hub") else None,
         "pipeline_tag": None if stage == STATE_TRACKING else "text-generation",

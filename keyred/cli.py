@@ -26,14 +26,18 @@ from collections.abc import Callable
 import keyred.specs as specs
 from keyred.bench.spec import KINDS as BENCH_KINDS, bench_spec
 from keyred.checkpoints import reduced_checkpoint
-from keyred.config import ConfigError, load_config
+from keyred.config import ConfigError, load_config, require
 from keyred.console import bad_input
+from keyred.fla.variants import check_model_variants
+from keyred.recall.spec import check_recall, model_key_dims as recall_key_dims, reduce_spec as recall_reduce_spec
+from keyred.recall.spec import train_spec as recall_train_spec
 from keyred.reduction.methods import check_reduction_limits
 
-STAGES = ("corpus", "tokenizer", "packing", "word_problems", "train", "finetune", "track", "evaluate",
-          "prune", "reduce", "analyse", "bench")
+STAGES = ("corpus", "tokenizer", "packing", "word_problems", "train", "finetune", "track", "track_reduce", "evaluate",
+          "prune", "reduce", "analyse", "bench", "presets", "recall_data", "recall_train", "recall_reduce")
 SHOWN = 8  # allowed values listed in an error message
 RUN_NAME = re.compile(r"(?P<group>[^/]+)/nh(?P<n_h>\d+)_(?P<eig>[a-z]+)_L(?P<layers>\d+)/seed(?P<seed>\d+)")
+RECALL_RUN = re.compile(r"(?P<model>[^/]+)/dk(?P<key_dim>\d+)/seed(?P<seed>\d+)")
 
 USAGE = """usage: keyred <stage> [options]
        keyred <stage> --config FILE [--model NAME] [--method NAME] [--run RUN] [options]
@@ -130,10 +134,15 @@ def _reduce(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> l
             + ["--out", layout.reduction(model, method), "--resume-dir", layout.reduction_resume(model, method)])
 
 
-def _track(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+def _tracking_run(config: dict, choice: argparse.Namespace) -> dict[str, str]:
+    """The --run of a state-tracking stage as its wildcards (group, n_h, eig, layers, seed)."""
     names = [f"{run['group']}/nh{run['n_h']}_{run['eig']}_L{run['layers']}/seed{run['seed']}"
              for run in specs.tracking_runs(config)]
-    run = RUN_NAME.fullmatch(_chosen(choice.run, "--run", names, "state-tracking run")).groupdict()
+    return RUN_NAME.fullmatch(_chosen(choice.run, "--run", names, "state-tracking run")).groupdict()
+
+
+def _track(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+    run = _tracking_run(config, choice)
     return (["--spec", specs.tracking_spec(config, run["group"], int(run["n_h"]), run["eig"], int(run["layers"]),
                                            int(run["seed"]))] + _torch_options(config)
             + ["--out", layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"])]
@@ -143,10 +152,49 @@ def _track(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> li
                                                    "resume")])
 
 
+def _track_reduce(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+    require(bool(config["state_tracking"]["reduction"]["methods"]), "state_tracking.reduction.methods",
+            "is empty: the config prunes no state tracker")
+    run = _tracking_run(config, choice)
+    folder = layout.tracking_run(run["group"], run["n_h"], run["eig"], run["layers"], run["seed"])
+    return (["--spec", specs.tracking_pruning_spec(config), "--checkpoint", f"{folder}/checkpoint",
+             "--test-data", layout.word_problems(run["group"], run["seed"], "test.csv")] + _torch_options(config)
+            + ["--out", f"{folder}/{specs.TRACKING_PRUNING_TABLE}"])
+
+
+def _recall_data(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+    return ["--spec", specs.spec_json(config["recall"]["task"]), "--out-dir", layout.recall_data()]
+
+
+def _recall_run(config: dict, choice: argparse.Namespace, full_key_dim_only: bool) -> dict[str, str]:
+    """The --run of a recall stage, MODEL/dk<D>/seed<S>, as (model, key_dim, seed)."""
+    recall = config["recall"]
+    names = [f"{name}/dk{key_dim}/seed{seed}" for name, entry in recall["models"].items()
+             for key_dim in recall_key_dims(entry, recall["model"]["key_dim"]) for seed in recall["seeds"]
+             if not full_key_dim_only or key_dim == recall["model"]["key_dim"]]
+    return RECALL_RUN.fullmatch(_chosen(choice.run, "--run", names, "recall run")).groupdict()
+
+
+def _recall_train(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+    run = _recall_run(config, choice, full_key_dim_only=False)
+    spec = recall_train_spec(config, run["model"], int(run["key_dim"]), int(run["seed"]))
+    return (["--spec", specs.spec_json(spec), "--data-dir", layout.recall_data()] + _torch_options(config)
+            + ["--out", layout.recall_run(run["model"], run["key_dim"], run["seed"])])
+
+
+def _recall_reduce(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
+    run = _recall_run(config, choice, full_key_dim_only=True)
+    folder = layout.recall_run(run["model"], run["key_dim"], run["seed"])
+    return (["--spec", specs.spec_json(recall_reduce_spec(config)), "--checkpoint", f"{folder}/checkpoint",
+             "--data-dir", layout.recall_data()] + _torch_options(config) + ["--out", f"{folder}/reduction.csv"])
+
+
 def _analyse(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> list[str]:
     reduction, analysis = config["reduction"], config["analysis"]
-    model = _chosen(choice.model, "--model", reduction["models"] or sorted(config["models"]), "reduced model")
-    method = _chosen(choice.method, "--method", ["unpruned", *reduction["methods"]], "reduction method")
+    reduced = reduction["models"] or sorted(config["models"])
+    model = _chosen(choice.model, "--model", sorted(config["models"]), "model")
+    methods = ["unpruned", *reduction["methods"]] if model in reduced else ["unpruned"]
+    method = _chosen(choice.method, "--method", methods, "reduction method of this model")
     folders = ([layout.model(model, "checkpoint")] if method == "unpruned" else
                [str(reduced_checkpoint(layout.reduction(model, method), ratio, analysis["stage"]))
                 for ratio in reduction["ratios"]])
@@ -164,7 +212,8 @@ def _bench(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> li
     reduction = config["reduction"]
     model = _chosen(choice.model, "--model", reduction["models"] or sorted(config["models"]), "reduced model")
     return (["model", "--name", model, "--checkpoints", layout.model(model, "checkpoint"),
-             "--reductions", *(layout.reduction(model, method) for method in reduction["methods"]),
+             # one method's checkpoints stand for every method's: the shape of a ratio is the same
+             "--reductions", *(layout.reduction(model, method) for method in reduction["methods"][:1]),
              "--spec", bench_spec(config, "model")] + _torch_options(config)
             + ["--out", layout.bench("models", f"{model}.csv")])
 
@@ -172,7 +221,9 @@ def _bench(config: dict, layout: specs.Layout, choice: argparse.Namespace) -> li
 Builder = Callable[[dict, specs.Layout, argparse.Namespace], list[str]]
 CONFIG_STAGES: dict[str, Builder] = {"corpus": _corpus, "tokenizer": _tokenizer, "packing": _packing,
                                      "train": _train, "evaluate": _evaluate, "reduce": _reduce, "track": _track,
-                                     "analyse": _analyse, "bench": _bench}
+                                     "track_reduce": _track_reduce, "analyse": _analyse, "bench": _bench,
+                                     "recall_data": _recall_data, "recall_train": _recall_train,
+                                     "recall_reduce": _recall_reduce}
 
 
 def config_parser(stage: str) -> argparse.ArgumentParser:
@@ -185,7 +236,8 @@ def config_parser(stage: str) -> argparse.ArgumentParser:
     parser.add_argument("--model", help="a model of the config (train, evaluate, reduce, analyse, bench model)")
     parser.add_argument("--method", help="a reduction method of the config (reduce; analyse: or unpruned)")
     parser.add_argument("--run", help="a state-tracking run as its folder, GROUP/nh<N>_<pos|neg>_L<layers>/seed<S> "
-                                      "(track)")
+                                      "(track, track_reduce), or a recall run MODEL/dk<D>/seed<S> "
+                                      "(recall_train, recall_reduce)")
     return parser
 
 
@@ -197,7 +249,9 @@ def config_arguments(stage: str, config: dict, choice: argparse.Namespace) -> li
         raise ConfigError(f"keyred {stage} has no --config mode; give its options (keyred {stage} --help). "
                           f"--config builds the options of: {', '.join(CONFIG_STAGES)}")
     specs.check_config(config)
+    check_model_variants(config)
     check_reduction_limits(config)
+    check_recall(config)
     return CONFIG_STAGES[stage](config, specs.layout(config), choice)
 
 

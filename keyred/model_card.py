@@ -2,8 +2,8 @@
 
 `model_card(facts)` renders the card from plain facts (keyred.checkpoints.card_facts gathers them
 from the model, its keyred.json and the stage's metrics): what the model is (family, size, d_k,
-d_v, parameters), where it comes from (parent, method, ratio, LoRA settings, seed, code), its
-metrics when known (validation loss, evaluation rows) and how to load and evaluate the folder.
+d_v, parameters; its variant: Householder steps, eigenvalue range, gates, preset), where it comes
+from (parent, method, ratio, LoRA settings, seed, code), its metrics when known (validation loss, evaluation rows) and how to load and evaluate the folder.
 Importing this module is cheap: huggingface_hub is imported when a card is made.
 """
 
@@ -21,6 +21,10 @@ def _value(value) -> str:
     return "—" if value is None else str(value)
 
 
+def _yes_no(flag) -> str:
+    return "yes" if flag else "no"
+
+
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_value(cell) for cell in row) + " |" for row in rows]
@@ -33,6 +37,11 @@ def _model_section(facts: dict) -> str:
             ("hidden size", facts["hidden_size"]), ("vocabulary", facts["vocab_size"]),
             ("parameters", f"{facts['parameters']:,}"), ("stage", facts["stage"]), ("parent", facts["parent"]),
             ("seed", facts["seed"]), ("created", facts["created"])]
+    variant = facts.get("variant") or {}
+    if variant:
+        rows[6:6] = [("Householder steps n_h", variant["n_h"]), ("eigenvalues", variant["eigenvalues"]),
+                     ("forget gate", _yes_no(variant["forget_gate"])), ("output gate", _yes_no(variant["output_gate"])),
+                     ("preset", variant.get("preset"))]
     if facts.get("pruning"):
         pruning = facts["pruning"]
         rows[4:4] = [("reduction method", pruning["method"]), ("reduction ratio", pruning["ratio"]),

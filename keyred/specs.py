@@ -11,6 +11,7 @@ Importing this module is cheap (no torch).
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from keyred.config import require
@@ -19,6 +20,8 @@ from keyred.config import require
 EIGENVALUE_RANGES = {"pos": "[0,1]", "neg": "[-1,1]"}
 # The keys of state_tracking.train that decide a run's word problems (with its group and seed).
 TRACKING_DATA_KEYS = ("train_length", "test_length", "train_samples", "val_samples", "test_samples")
+# The key-pruning table of one state-tracking run, in its run folder (keyred.stages.track_reduce).
+TRACKING_PRUNING_TABLE = "pruning.csv"
 
 
 class Layout:
@@ -56,6 +59,14 @@ class Layout:
         """The word-problem files of the state-tracking runs of one group and seed (every model reads them)."""
         return self.data("word_problems", group, f"seed{seed}", *parts)
 
+    def recall_data(self, *parts: Any) -> str:
+        """The fixed sets of the recall task (keyred.stages.recall_data), shared by every recall model."""
+        return self.data("recall", *parts)
+
+    def recall_run(self, model: str, key_dim: Any, seed: Any, *parts: Any) -> str:
+        """One trained recall model (keyred.stages.recall_train) and, at the full d_k, its reduction table."""
+        return self.path("recall", model, f"dk{key_dim}", f"seed{seed}", *parts)
+
     def bench(self, *parts: Any) -> str:
         return self.path("bench", *parts)
 
@@ -82,6 +93,13 @@ def check_config(config: dict) -> None:
     tracking = config["state_tracking"]["train"]
     require(tracking["warmup_steps"] < tracking["steps"], "state_tracking.train.warmup_steps",
             f"must be below state_tracking.train.steps ({tracking['steps']}), got {tracking['warmup_steps']}")
+    # every state-tracking pruning ratio leaves a key channel: d_k' = floor(d_k (1 - ratio)) >= 1, the rule of
+    # keyred.reduction.methods.new_key_dim (the pruning job checks it again on its checkpoint's d_k)
+    pruning, head_dim = config["state_tracking"]["reduction"], config["state_tracking"]["model"]["head_dim"]
+    for ratio in pruning["ratios"] if pruning["methods"] else ():
+        require(math.floor(head_dim * (1 - ratio) + 1e-9) >= 1, "state_tracking.reduction.ratios",
+                f"ratio {ratio} leaves d_k' = 0 of state_tracking.model.head_dim = {head_dim}; each ratio must be "
+                f"at most 1 - 1/head_dim = {1 - 1 / head_dim:.6g}")
 
 
 class CheckOnly:
@@ -154,6 +172,11 @@ def tracking_run_spec(tracking: dict, group: str, n_h: int, allow_neg_eigval: bo
 def tracking_spec(config: dict, group: str, n_h: int, eig: str, layers: int, seed: int) -> str:
     """The spec of one state-tracking run; eig is a key of EIGENVALUE_RANGES (pos, neg)."""
     return spec_json(tracking_run_spec(config["state_tracking"], group, n_h, eig == "neg", layers, seed))
+
+
+def tracking_pruning_spec(config: dict) -> str:
+    """The spec of every state-tracking pruning job: the state_tracking.reduction section."""
+    return spec_json(config["state_tracking"]["reduction"])
 
 
 def tracking_data_spec(config: dict, group: str, seed: int) -> str:

@@ -298,16 +298,80 @@ def test_utilisation_vs_perplexity_scatter(tmp_path):
 
     runs = [("none", 0.0, "unpruned", 0.30, 40.0), ("l1", 0.5, "pruned", 0.45, 60.0), ("l1", 0.5, "lora", 0.40, 50.0),
             ("drrqr", 0.25, "lora", 0.35, 45.0), ("drrqr", 0.75, "lora", 0.60, 90.0)]
-    ranks = pd.DataFrame([dict(model="m", method=method, ratio=ratio, stage=stage, layer=0, head=head, step=1,
-                               utilisation=utilisation + 0.01 * head)
+    ranks = pd.DataFrame([dict(model="m", family="delta_net", method=method, ratio=ratio, stage=stage, layer=0,
+                               head=head, step=1, utilisation=utilisation + 0.01 * head)
                           for method, ratio, stage, utilisation, _ in runs for head in range(2)])
     evaluation = pd.DataFrame([dict(model="m", method=method, ratio=ratio, stage=stage, task="heldout_perplexity",
                                     metric="word_perplexity", value=ppl, n=10)
                                for method, ratio, stage, _, ppl in runs])
-    rho = plot_utilisation_vs_perplexity(ranks, evaluation, tmp_path / "scatter.png")
-    assert rho == pytest.approx(1.0) and is_png(tmp_path / "scatter.png")
+    table = plot_utilisation_vs_perplexity(ranks, evaluation, tmp_path / "scatter.png")
+    assert table[["scope", "model", "family", "n"]].values.tolist() == [["model", "m", "delta_net", 5]]
+    assert table["rho"].item() == pytest.approx(1.0) and is_png(tmp_path / "scatter.png")
     with pytest.raises(ValueError, match="no evaluation rows match"):
         plot_utilisation_vs_perplexity(ranks, evaluation.assign(model="other"), tmp_path / "none.png")
+
+
+def two_clusters():
+    """Rank points of two models in two clusters: within 'a' perplexity rises with utilisation
+    (rho 1), within 'b' it falls (rho -1); b sits higher on both axes, so the raw pooled rho is high."""
+    utilisation = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    rows = [dict(model="a", family="delta_net", method="l1", ratio=0.1 * i, stage="lora", utilisation=u,
+                 value=10.0 + i) for i, u in enumerate(utilisation)]
+    rows += [dict(model="b", family="gated_deltanet", method="l1", ratio=0.1 * i, stage="lora", utilisation=u + 1,
+                  value=100.0 - i) for i, u in enumerate(utilisation)]
+    return pd.DataFrame(rows)
+
+
+def test_standardise_gives_z_scores_within_each_group():
+    from keyred.figures.ranks import standardise
+
+    z = standardise(two_clusters(), "model", ["utilisation", "value"])
+    for _, group in z.groupby("model"):
+        assert group["z_utilisation"].mean() == pytest.approx(0) and group["z_utilisation"].std(ddof=0) == \
+            pytest.approx(1)
+    assert np.allclose(z.loc[z["model"] == "a", "z_utilisation"], z.loc[z["model"] == "b", "z_utilisation"])
+    constant = standardise(two_clusters().assign(value=5.0), "model", ["value"])
+    assert constant["z_value"].isna().all()
+
+
+def test_rho_per_model_and_pooled_over_standardised_points():
+    from scipy.stats import spearmanr
+
+    from keyred.figures.ranks import rank_correlations
+
+    points = two_clusters()
+    assert spearmanr(points["utilisation"], points["value"]).statistic > 0.5   # what pooling raw values shows
+    table = rank_correlations(points).set_index("model")
+    assert table.loc["a", ["scope", "family", "n"]].tolist() == ["model", "delta_net", 6]
+    assert table.loc["a", "rho"] == pytest.approx(1) and table.loc["b", "rho"] == pytest.approx(-1)
+    assert table.loc["a", "p_value"] < 0.01 and table.loc["b", "p_value"] < 0.01
+    assert table.loc["all", ["scope", "n"]].tolist() == ["pooled within model", 12]
+    assert table.loc["all", "rho"] == pytest.approx(0, abs=1e-12)          # the two trends cancel once standardised
+    assert table.loc["all", "rho_low"] < 0 < table.loc["all", "rho_high"]
+    few = rank_correlations(points[points["ratio"] < 0.25])   # 3 points per model: no pooled rho
+    assert few["scope"].tolist() == ["model", "model"] and few["n"].tolist() == [3, 3]
+    assert few["rho_low"].isna().all()                        # no interval below 4 points
+    noisy = points.assign(value=[10, 12, 11, 14, 13, 15, 100, 99, 97, 98, 95, 96])
+    rho, p_value = spearmanr(noisy.loc[noisy["model"] == "a", "utilisation"], noisy.loc[noisy["model"] == "a", "value"])
+    row = rank_correlations(noisy).set_index("model").loc["a"]
+    assert (row["rho"], row["p_value"]) == (pytest.approx(rho), pytest.approx(p_value)) and 0 < row["p_value"] < 1
+
+
+def test_effective_rank_by_model(rank_csv, tmp_path):
+    from keyred.figures.ranks import effective_rank_by_position, plot_effective_rank_by_model
+
+    synthetic = pd.DataFrame([dict(model="m", family="delta_net", stage="unpruned", layer=layer, head=head, step=step,
+                                   effective_rank=float(2 * layer + head + step), d_k=8, d_v=16)
+                              for layer in range(2) for head in range(2) for step in (1, 2)])
+    curves = effective_rank_by_position(pd.concat([synthetic, synthetic.assign(stage="lora", effective_rank=0.0)]))
+    assert curves[["step", "mean", "q25", "q75", "bound", "states"]].values.tolist() == [
+        [1, 2.5, 1.75, 3.25, 8, 4], [2, 3.5, 2.75, 4.25, 8, 4]]
+    table = pd.read_csv(rank_csv)
+    language = table[table["stage"] != "state_tracking"]
+    plot_effective_rank_by_model(pd.concat([language, language.assign(model="copy")]), tmp_path / "by_model.png")
+    assert is_png(tmp_path / "by_model.png")
+    with pytest.raises(ValueError, match="no unpruned language-model rows"):
+        plot_effective_rank_by_model(table[table["stage"] == "state_tracking"], tmp_path / "none.png")
 
 
 # ------------------------------------------------------------------------------------ GPU

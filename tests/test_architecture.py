@@ -10,7 +10,7 @@ The layers, lowest first (a module may import its own layer or lower ones):
     kernels         CPU reference kernels (pure torch)
   3 fla adapters    fla.backend (the CPU seam), fla.torch_ops, fla.models (build, load), fla.launch.*
                     (keyred's CUDA launch choices, installed through fla.patching)
-  4 domains         data, training, tracking, evaluation, reduction, analysis, bench, figures
+  4 domains         data, training, tracking, recall, evaluation, reduction, analysis, bench, figures
   5 entry points    keyred.stages.*, keyred.cli, keyred.__main__ (nothing imports them)
 """
 import ast
@@ -39,7 +39,7 @@ LIGHT = ("keyred", "keyred.config", "keyred.io", "keyred.provenance", "keyred.re
          "keyred.device", "keyred.specs", "keyred.fla.families", "keyred.fla.sites", "keyred.data.groups",
          "keyred.cli", "keyred.__main__")
 ENTRY_POINTS = ("keyred.cli", "keyred.__main__")
-DOMAINS = ("data", "training", "tracking", "evaluation", "reduction", "analysis", "bench", "figures")
+DOMAINS = ("data", "training", "tracking", "recall", "evaluation", "reduction", "analysis", "bench", "figures")
 
 
 def module_name(file: Path) -> str:
@@ -319,7 +319,7 @@ def test_keyred_refuses_an_unknown_stage_and_a_stage_without_config_mode():
 def test_keyred_config_mode_names_what_to_choose():
     result = keyred("train", "--config", "config.yaml")
     assert result.returncode == 2
-    assert "--model is needed with --config: the model to run (deltanet_tiny, gated_deltanet_tiny)" in result.stderr
+    assert "--model is needed with --config: the model to run (deltanet_tiny, dp1_tiny, dp2_tiny, dp3_tiny, gated_deltanet_tiny)" in result.stderr
     result = keyred("reduce", "--config", "config.yaml", "--model", "deltanet_tiny", "--method", "svd")
     assert result.returncode == 2 and "--method svd: not a reduction method of the config" in result.stderr
     result = keyred("track", "--config", "config.yaml", "--run", "S3/nh3_pos_L1/seed0")

@@ -5,6 +5,7 @@ asking for exactly what its recorded commands with flags asked for.
 
 No timing thresholds: CPU numbers only have to exist, be finite and positive.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -124,7 +125,8 @@ def test_reduction_folders_list_their_pruned_checkpoints_by_ratio(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """A tiny random DeltaNet (d_k 16) and its l1-pruned child at ratio 0.5 (d_k 8), in a reduce-like layout."""
+    """A tiny random DeltaNet (d_k 16) and its l1- and random-pruned children at ratio 0.5 (d_k 8),
+    each in a reduce-like layout."""
     from keyred.checkpoints import new_info, save_checkpoint
     from keyred.fla.models import build_model
     from keyred.reduction.methods import prune_settings
@@ -135,6 +137,8 @@ def checkpoints(tmp_path_factory):
                     new_info("delta_net", "tiny", stage="train", seed=0))
     prune_checkpoint(root / "base", prune_settings({"method": "l1", "ratio": 0.5}),
                      root / "reduction" / "ratio0.5" / "pruned", log=QUIET)
+    prune_checkpoint(root / "base", prune_settings({"method": "random", "ratio": 0.5}),
+                     root / "reduction_random" / "ratio0.5" / "pruned", log=QUIET)
     return root
 
 
@@ -142,16 +146,16 @@ def checkpoints(tmp_path_factory):
 def model_table(checkpoints, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_model") / "model.csv"
     code = main(["model", "--out", str(out), "--name", "tiny", "--checkpoints", str(checkpoints / "base"),
-                 "--reductions", str(checkpoints / "reduction"), "--batch", "2", "--seq-len", "80",
-                 "--warmup", "1", "--repeats", "2", "--threads", "1"])
+                 "--reductions", str(checkpoints / "reduction"), str(checkpoints / "reduction_random"),
+                 "--batch", "2", "--seq-len", "80", "--warmup", "1", "--repeats", "3", "--threads", "1"])
     assert code == 0
     return pd.read_csv(out)
 
 
 def test_whole_model_benchmark_of_a_baseline_and_its_pruned_checkpoint(model_table, checkpoints):
-    check_table(model_table)
+    check_table(model_table, extra=("tokens_per_s_q25", "tokens_per_s_q75", "latency_ms_q25", "latency_ms_q75"))
     rows = model_table.set_index("label")
-    assert list(model_table["label"]) == ["baseline", "l1 0.5"]
+    assert list(model_table["label"]) == ["baseline", "l1 0.5", "random 0.5"]
     assert rows.loc["baseline", ["d_k", "d_v", "method", "ratio", "stage"]].tolist() == [16, 16, "none", 0.0, "train"]
     assert rows.loc["l1 0.5", ["d_k", "d_v", "method", "ratio", "stage"]].tolist() == [8, 16, "l1", 0.5, "prune"]
     assert rows.loc["l1 0.5", "parameters"] < rows.loc["baseline", "parameters"]
@@ -159,6 +163,71 @@ def test_whole_model_benchmark_of_a_baseline_and_its_pruned_checkpoint(model_tab
     assert (model_table["pass"] == "forward").all() and (model_table["kernel"] == "chunk_delta_rule").all()
     assert rows.loc["l1 0.5", "checkpoint"] == str(checkpoints / "reduction" / "ratio0.5" / "pruned")
     assert model_table[["state_bytes_per_seq", "prompt_len"]].isna().all().all()
+    assert (model_table["repeats"] == 3).all()
+    assert (model_table["latency_ms_q25"] <= model_table["latency_ms_median"]).all()
+    assert (model_table["latency_ms_median"] <= model_table["latency_ms_q75"]).all()
+    assert (model_table["tokens_per_s_q25"] <= model_table["tokens_per_s"]).all()
+
+
+def test_two_methods_at_one_ratio_are_one_measured_shape(model_table, checkpoints):
+    """l1 and random at 0.5 give the same architecture: timed once (from the first given), both rows
+    carry that measurement; two shapes in all, timed round-robin in one process."""
+    rows = model_table.set_index("label")
+    timing = ["shape", "timed_checkpoint", "tokens_per_s", "tokens_per_s_q25", "tokens_per_s_q75", "latency_ms_min",
+              "latency_ms_max", "peak_mem_bytes", "warmup_s"]
+    assert rows.loc["l1 0.5", timing].tolist() == rows.loc["random 0.5", timing].tolist()
+    assert rows.loc["random 0.5", "timed_checkpoint"] == str(checkpoints / "reduction" / "ratio0.5" / "pruned")
+    assert rows.loc["random 0.5", "checkpoint"] == str(checkpoints / "reduction_random" / "ratio0.5" / "pruned")
+    assert rows.loc["baseline", "timed_checkpoint"] == str(checkpoints / "base")
+    assert model_table["shape"].nunique() == 2 and (model_table["shapes_interleaved"] == 2).all()
+    assert rows.loc["baseline", "shape"] == "delta_net 2x64, 4 heads, d_k 16, d_v 16"
+    assert rows.loc["l1 0.5", "shape"] == "delta_net 2x64, 4 heads, d_k 8, d_v 16"
+
+
+def test_group_by_shape_compares_the_whole_architecture():
+    from keyred.bench.sources import group_by_shape, shape_source
+
+    small, other = shape_source(tiny(key_dim=8)), shape_source(tiny(key_dim=16))
+    again = shape_source(tiny(key_dim=8))
+    config = copy.deepcopy(small.config)
+    config.attn_mode = "fused_recurrent"  # same widths, another kernel: another shape
+    variant = dataclasses.replace(small, config=config, label="variant")
+    groups = group_by_shape([small, other, again, variant])
+    assert [[member.label for member in group.members] for group in groups] == [
+        ["delta_net d_k 8", "delta_net d_k 8"], ["delta_net d_k 16"], ["variant"]]
+    assert [group.label for group in groups] == ["delta_net 2x64, 4 heads, d_k 8, d_v 16",
+                                                 "delta_net 2x64, 4 heads, d_k 16, d_v 16",
+                                                 "delta_net 2x64, 4 heads, d_k 8, d_v 16 #2"]
+    assert groups[0].timed is small
+
+
+def test_interleaved_rounds_rotate_over_the_shapes():
+    from keyred.bench.timing import interleaved_order, measure_interleaved
+
+    assert interleaved_order(3, 4) == [[0, 1, 2], [1, 2, 0], [2, 0, 1], [0, 1, 2]]
+    assert interleaved_order(1, 2) == [[0], [0]]
+    calls = []
+
+    def prepare(index):
+        return lambda: (lambda: calls.append(index))
+
+    results = measure_interleaved([prepare(i) for i in range(3)], Timing(warmup=2, repeats=3), "cpu", [0, 0, 0])
+    assert calls == [0, 0, 1, 1, 2, 2] + [0, 1, 2, 1, 2, 0, 2, 0, 1]  # warm-ups in order, then rotated rounds
+    assert [len(result.seconds) for result in results] == [3, 3, 3]
+    assert all(result.peak_mem_kind == "cpu_rss_peak_delta" for result in results)
+
+
+def test_timing_columns_report_the_quartiles():
+    from keyred.bench.timing import Measurement
+
+    result = Measurement(seconds=(0.5, 0.1, 0.4, 0.2, 0.3), warmup_seconds=0.0, kernels=(), peak_mem_bytes=0.0,
+                         peak_mem_kind="unavailable")
+    columns = result.columns(tokens=100)
+    assert columns["latency_ms_median"] == pytest.approx(300)
+    assert (columns["latency_ms_q25"], columns["latency_ms_q75"]) == (pytest.approx(200), pytest.approx(400))
+    assert columns["tokens_per_s_q25"] == pytest.approx(250) and columns["tokens_per_s_q75"] == pytest.approx(500)
+    single = dataclasses.replace(result, seconds=(0.5,)).columns(tokens=100)
+    assert single["tokens_per_s_q25"] == single["tokens_per_s_q75"] == pytest.approx(200)
 
 
 def test_a_missing_checkpoint_is_refused_before_any_work(checkpoints, tmp_path, capsys):
@@ -376,7 +445,11 @@ def test_the_workflow_spec_asks_for_what_the_recorded_flags_asked_for(recorded, 
         new = after[old["rule"], old["output"]]
         assert "-m keyred.stages.bench " in new["command"] and " --spec " in new["command"]
         assert (new["log"], new["resources"]) == (old["log"], old["resources"])
-        assert command_request(new["command"]) == command_request(old["command"]), old["rule"]
+        expected, arguments = command_request(old["command"])
+        if old["rule"] == "bench_models":  # one method's checkpoints now stand for every method's shape
+            assert len(expected.reductions) > 1
+            expected = dataclasses.replace(expected, reductions=expected.reductions[:1])
+        assert command_request(new["command"]) == (expected, arguments), old["rule"]
 
 
 # ------------------------------------------------------------------------------------- plots
@@ -405,18 +478,60 @@ def test_pareto_front():
     assert figures.pareto_front(points, "speed", "loss", higher_is_better=True).index.tolist() == [3]
 
 
+def test_pareto_front_treats_overlapping_speeds_as_equal():
+    """B is 5% faster than A but within A's spread, and worse: only with the spread is it dominated.
+    C is faster beyond every spread: it stays. When all spreads overlap, the best point alone is left."""
+    points = pd.DataFrame({"speed": [100.0, 105.0, 200.0], "low": [90.0, 95.0, 190.0], "high": [110.0, 115.0, 210.0],
+                           "loss": [1.0, 1.2, 1.5]}, index=["A", "B", "C"])
+    assert figures.pareto_front(points, "speed", "loss").index.tolist() == ["A", "B", "C"]
+    assert figures.pareto_front(points, "speed", "loss", low="low", high="high").index.tolist() == ["A", "C"]
+    close = points.assign(low=[90.0, 95.0, 100.0], high=[110.0, 115.0, 300.0])
+    assert figures.pareto_front(close, "speed", "loss", low="low", high="high").index.tolist() == ["A"]
+    tied = points.assign(loss=[1.0, 1.0, 1.5])  # equal quality, overlapping speeds: neither dominates
+    assert figures.pareto_front(tied, "speed", "loss", low="low", high="high").index.tolist() == ["A", "B", "C"]
+
+
+def model_rows(shapes):
+    """Whole-model benchmark rows: (label, method, ratio, shape, tokens/s) with a +-10% spread."""
+    return pd.DataFrame([dict(kind="model", model="m", label=label, method=method, ratio=ratio, shape=shape,
+                              d_k=16 if ratio == 0 else 8, tokens_per_s=speed, tokens_per_s_q25=0.9 * speed,
+                              tokens_per_s_q75=1.1 * speed, repeats=5, batch=2, seq_len=8, dtype="float32",
+                              device="cpu", device_name="x") for label, method, ratio, shape, speed in shapes])
+
+
+def test_quality_joins_the_speed_of_its_ratio_whatever_the_method():
+    bench = model_rows([("baseline", "none", 0.0, "d_k 16", 100.0), ("l1 0.5", "l1", 0.5, "d_k 8", 150.0)])
+    quality = pd.DataFrame([
+        dict(model="m", method="none", ratio=0.0, stage="unpruned", value=2.0),
+        dict(model="m", method="l1", ratio=0.5, stage="lora", value=2.4),
+        dict(model="m", method="drrqr", ratio=0.5, stage="lora", value=2.2),
+        dict(model="m", method="drrqr", ratio=0.5, stage="pruned", value=3.0),
+    ]).assign(task="heldout_perplexity", metric="bits_per_byte", n=10)
+    joined = figures.speed_quality_table(bench, quality).set_index("method")
+    assert joined.loc["drrqr", ["tokens_per_s", "shape", "stage"]].tolist() == [150.0, "d_k 8", "lora"]
+    assert joined.loc["l1", "tokens_per_s"] == 150.0 and joined.loc["none", "tokens_per_s"] == 100.0
+    twice = pd.concat([bench, model_rows([("random 0.5", "random", 0.5, "d_k 8", 140.0)])])
+    with pytest.raises(ValueError, match="m at ratio 0.5 has 2 measurements"):
+        figures.speed_quality_table(twice, quality)
+    with pytest.raises(ValueError, match="no tokens_per_s_q25, tokens_per_s_q75 columns"):
+        figures.speed_quality_table(bench.drop(columns=["tokens_per_s_q25", "tokens_per_s_q75"]), quality)
+
+
 def test_quality_vs_speed_plot(model_table, tmp_path):
     quality = pd.DataFrame([
         dict(model="tiny", method="none", ratio=0.0, stage="unpruned", value=2.0),
         dict(model="tiny", method="l1", ratio=0.5, stage="pruned", value=3.0),
         dict(model="tiny", method="l1", ratio=0.5, stage="lora", value=2.4),
+        dict(model="tiny", method="drrqr", ratio=0.5, stage="lora", value=2.3),
     ]).assign(task="heldout_perplexity", metric="bits_per_byte", n=10)
     joined = figures.speed_quality_table(model_table, quality)
-    assert sorted(zip(joined["method"], joined["stage"], joined["value"])) == [("l1", "lora", 2.4),
-                                                                               ("none", "unpruned", 2.0)]
+    assert sorted(zip(joined["method"], joined["stage"], joined["value"])) == [
+        ("drrqr", "lora", 2.3), ("l1", "lora", 2.4), ("none", "unpruned", 2.0)]
     assert np.isfinite(joined["tokens_per_s"]).all()
+    assert joined.loc[joined["method"] == "drrqr", "tokens_per_s"].item() == joined.loc[
+        joined["method"] == "l1", "tokens_per_s"].item()   # speed is the shape's: the drrqr model was never timed
     figures.plot_quality_vs_speed(model_table, quality, tmp_path / "pareto.png")
     assert is_png(tmp_path / "pareto.png")
-    with pytest.raises(ValueError, match="no \\(model, method, ratio\\) in both tables"):
+    with pytest.raises(ValueError, match="no \\(model, ratio\\) in both tables"):
         figures.speed_quality_table(model_table, quality.assign(model="other"))
     assert math.isclose(joined["ratio"].max(), 0.5)

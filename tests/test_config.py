@@ -131,6 +131,7 @@ class _Prune:
     gradient_sequences: int
     batch_size: int
     rrqr_rows: int
+    drrqr_sampling: str
     rrqr_f: float
     max_swaps: int | None
     seed: int
@@ -262,6 +263,9 @@ ENUMERATIONS = [   # (schema path, the code's constant as (name, module))
     ("evaluate.tasks.[]", ("LOCAL_TASKS", "keyred.evaluation.tasks")),
     ("evaluate.hub_tasks.[]", ("HUB_TASKS", "keyred.evaluation.tasks")),
     ("reduction.methods.[]", ("METHODS", "keyred.reduction.methods")),
+    ("state_tracking.reduction.methods.[]", ("METHODS", "keyred.reduction.methods")),
+    ("recall.reduction.methods.[]", ("METHODS", "keyred.reduction.methods")),
+    ("recall.models.*.family", ("FAMILIES", "keyred.fla.families")),
     ("bench.mixer.families.[]", ("FAMILIES", "keyred.fla.families")),
     ("bench.mixer.passes.[]", ("PASSES", "keyred.bench.plan")),
     ("analysis.stage", ("REDUCED_STAGES", "keyred.checkpoints")),

@@ -1,6 +1,7 @@
 """keyred.evaluation and keyred.stages.evaluate: settings from the schema, local tasks, lm-eval with an
-independent perplexity check, length extrapolation, the CLI."""
+independent perplexity check, standard errors and paired differences, length extrapolation, the CLI."""
 import dataclasses
+import itertools
 import json
 import math
 import random
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 from keyred.checkpoints import new_info, save_checkpoint
 from keyred.config import ConfigError, load_schema
 from keyred.evaluation.extrapolation import length_extrapolation
-from keyred.evaluation.runner import evaluate_model, with_columns
+from keyred.evaluation.runner import (PAIRED_COLUMNS, RESULT_COLUMNS, evaluate_model, evaluate_with_samples,
+                                      with_columns, with_paired_difference)
 from keyred.evaluation.settings import EvaluateSettings, evaluate_settings
 from keyred.evaluation.tasks import (HUB_TASKS, LAST_WORD_CONTEXT_WORDS, LOCAL_TASKS, RECALL_KEY_LETTERS,
                                      last_word_samples, recall_samples)
+from keyred.evaluation.uncertainty import aggregate, paired_difference, standard_error
 from keyred.fla.models import build_model
 from keyred.stages.evaluate import main
 
@@ -69,8 +72,14 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def table(model, tokenizer, documents):
-    return evaluate_model(model, tokenizer, documents, evaluate_settings(SETTINGS))
+def evaluated(model, tokenizer, documents):
+    """(table, per-sample values) of the tiny model."""
+    return evaluate_with_samples(model, tokenizer, documents, evaluate_settings(SETTINGS))
+
+
+@pytest.fixture(scope="module")
+def table(evaluated):
+    return evaluated[0]
 
 
 def token_stream(tokenizer, documents) -> np.ndarray:
@@ -136,13 +145,95 @@ def test_recall_targets_are_the_values_of_the_queried_keys():
 # ------------------------------------------------------------------------------------ lm-eval
 
 def test_every_configured_metric_is_finite(table):
-    assert list(table.columns) == ["task", "metric", "value", "n"]
+    assert list(table.columns) == ["task", "metric", "value", "stderr", "n"] == RESULT_COLUMNS
     assert set(zip(table.task, table.metric)) == METRICS and len(table) == len(METRICS)
-    assert np.isfinite(table.value).all()
+    assert np.isfinite(table.value).all() and np.isfinite(table.stderr).all() and (table.stderr >= 0).all()
+    assert (table.loc[table.metric != "acc", "stderr"] > 0).all()
     assert dict(zip(table.task, table.n)) == {"heldout_perplexity": 6, "heldout_last_word": 30, "assoc_recall": 30}
     final = with_columns(table, model="tiny", method="drrqr", ratio=0.5)
-    assert list(final.columns) == ["model", "method", "ratio", "task", "metric", "value", "n"]
-    assert (final.ratio == 0.5).all() and list(table.columns) == ["task", "metric", "value", "n"]
+    assert list(final.columns) == ["model", "method", "ratio", "task", "metric", "value", "stderr", "n"]
+    assert (final.ratio == 0.5).all() and list(table.columns) == RESULT_COLUMNS
+
+
+def test_the_logged_samples_give_lm_evals_values_and_the_standard_errors(evaluated):
+    """Each metric aggregated from its per-sample values is lm-eval's value; accuracies have the
+    binomial standard error, the others the seeded bootstrap over samples (documents)."""
+    table, samples = evaluated
+    settings = evaluate_settings(SETTINGS)
+    assert set(samples) == METRICS
+    for row in table.itertuples():
+        found = samples[(row.task, row.metric)]
+        assert len(found.values) == len(found.keys) == row.n
+        assert aggregate(found.aggregation, found.values, found.weights) == pytest.approx(row.value, rel=1e-9)
+        assert row.stderr == standard_error(found.aggregation, found.values, found.weights,
+                                            settings.bootstrap_iters, settings.seed)
+        if row.metric == "acc":
+            assert found.aggregation == "mean" and set(found.values) <= {0.0, 1.0}
+            assert row.stderr == pytest.approx(math.sqrt(row.value * (1 - row.value) / (row.n - 1)))
+    rolling = samples[("heldout_perplexity", "bits_per_byte")]
+    assert rolling.aggregation == "bits_per_byte" and (rolling.weights > 100).all()       # bytes per document
+
+
+def test_paired_difference_to_the_model_itself_is_zero_and_to_another_is_resolved(evaluated, tokenizer, documents):
+    table, samples = evaluated
+    settings = evaluate_settings(SETTINGS)
+    itself = with_paired_difference(table, samples, samples, settings)
+    assert list(itself.columns) == RESULT_COLUMNS + PAIRED_COLUMNS
+    assert (itself.delta == 0).all() and (itself.delta_stderr == 0).all()
+    other = build_model("delta_net", "tiny", vocab_size=len(tokenizer), seed=1).eval()
+    other_table, other_samples = evaluate_with_samples(other, tokenizer, documents, settings)
+    paired = with_paired_difference(other_table, other_samples, samples, settings)
+    np.testing.assert_allclose(paired.delta, other_table.value - table.value, rtol=1e-9, atol=1e-12)
+    assert np.isfinite(paired.delta_stderr).all()
+    bits = paired.set_index("metric").loc["bits_per_byte"]
+    unpaired = math.hypot(bits.stderr, table.set_index("metric").loc["bits_per_byte", "stderr"])
+    assert 0 < bits.delta_stderr < unpaired
+    moved = {key: dataclasses.replace(value, keys=value.keys[::-1]) for key, value in samples.items()}
+    with pytest.raises(ValueError, match="scored on different samples"):
+        with_paired_difference(other_table, other_samples, moved, settings)
+
+
+# ------------------------------------------------------------------------------------ standard errors
+
+def test_bootstrap_is_seeded_and_is_the_exact_bootstrap_of_a_toy_case():
+    """Three documents (log-likelihood, bytes): every one of the 27 equally likely resamples
+    enumerated by hand gives the exact bootstrap standard error of bits per byte."""
+    values, weights = np.array([-700.0, -2600.0, -1500.0]), np.array([500.0, 1500.0, 1000.0])
+    exact = np.std([-values[list(i)].sum() / weights[list(i)].sum() / math.log(2)
+                    for i in itertools.product(range(3), repeat=3)])
+    estimate = standard_error("bits_per_byte", values, weights, iters=20000, seed=3)
+    assert estimate == pytest.approx(exact, rel=0.03)
+    assert estimate == standard_error("bits_per_byte", values, weights, iters=20000, seed=3)
+    assert estimate != standard_error("bits_per_byte", values, weights, iters=20000, seed=4)
+    assert math.isnan(standard_error("bits_per_byte", values, weights, iters=0))
+    assert math.isnan(standard_error("perplexity", values[:1], iters=100))
+    assert standard_error("mean", [1, 0, 1, 1]) == pytest.approx(math.sqrt(0.75 * 0.25 / 3))   # binomial
+    assert aggregate("weighted_perplexity", values, weights) == pytest.approx(math.exp(4800 / 3000))
+    with pytest.raises(ValueError, match="no standard error for lm-eval aggregation 'median'"):
+        standard_error("median", values)
+
+
+def test_paired_standard_error_is_smaller_than_the_unpaired_one_on_correlated_samples():
+    """Documents of very different difficulty, two models that differ a little on each: the paired
+    difference is resolved far better than the two standard errors combined."""
+    rng = np.random.default_rng(0)
+    weights = rng.integers(200, 5000, 60).astype(float)
+    parent = -weights * rng.uniform(1.0, 3.0, 60)                    # log-likelihood: hard and easy documents
+    reduced = parent - weights * (0.01 + 0.005 * rng.standard_normal(60))
+    delta, paired = paired_difference("bits_per_byte", reduced, parent, weights, weights, iters=2000, seed=0)
+    assert delta == pytest.approx(aggregate("bits_per_byte", reduced, weights) - aggregate("bits_per_byte", parent,
+                                                                                           weights))
+    unpaired = math.hypot(standard_error("bits_per_byte", reduced, weights, 2000, 0),
+                          standard_error("bits_per_byte", parent, weights, 2000, 0))
+    assert 0 < paired < unpaired / 10
+    correct = (rng.random(200) < 0.6).astype(float)
+    flipped = np.where(rng.random(200) < 0.05, 1 - correct, correct)  # the reduced model changes 5% of answers
+    delta, paired = paired_difference("mean", flipped, correct)
+    assert delta == pytest.approx(flipped.mean() - correct.mean())
+    assert paired == pytest.approx(np.std(flipped - correct, ddof=1) / math.sqrt(200))
+    assert paired < math.hypot(standard_error("mean", flipped), standard_error("mean", correct)) / 2
+    with pytest.raises(ValueError, match="needs the same samples, got 200 and 199"):
+        paired_difference("mean", flipped, correct[1:])
 
 
 def test_rolling_perplexity_is_the_direct_windowed_loss(table, model, tokenizer, documents):
@@ -217,9 +308,10 @@ def test_cli_writes_both_tables(tmp_path, model, tokenizer, documents, capsys):
             "--device", "cpu"]
     assert main(args + ["--spec", json.dumps({**SETTINGS, "max_length": 128})]) == 0
     results, curve = pd.read_csv(tmp_path / "eval.csv"), pd.read_csv(tmp_path / "extrapolation.csv")
-    assert list(results.columns) == ["model", "method", "ratio", "task", "metric", "value", "n"]
+    assert list(results.columns[:8]) == ["model", "method", "ratio", "task", "metric", "value", "stderr", "n"]
     assert set(zip(results.task, results.metric)) == METRICS and np.isfinite(results.value).all()
-    assert list(curve.columns) == ["model", "method", "ratio", "position", "loss", "sequences"]
+    assert np.isfinite(results.stderr).all()
+    assert list(curve.columns[:6]) == ["model", "method", "ratio", "position", "loss", "sequences"]
     assert len(curve) == 2 * 32 and (curve.method == "l1").all()
     assert "[evaluate] assoc_recall: 30 samples" in capsys.readouterr().out
 

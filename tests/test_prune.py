@@ -20,8 +20,8 @@ import torch
 
 from keyred.config import ConfigError, load_schema, section_settings, validate_config
 from keyred.fla.families import FAMILIES, exact_ratio
-from keyred.reduction.methods import (METHODS, PruneSettings, check_prunable, checkpoint_key_dim, new_key_dim,
-                                      prune_settings)
+from keyred.reduction.methods import (DRRQR_SAMPLING, METHODS, PCA_METHODS, PruneSettings, check_prunable,
+                                      checkpoint_key_dim, new_key_dim, prune_settings)
 from keyred.reduction.prune import prune_checkpoint, prune_model
 from keyred.reduction.selection import select_channels
 from keyred.reduction.surgery import apply_selection, pca_conv_error
@@ -106,9 +106,13 @@ def test_settings_take_the_schema_defaults():
 
 
 def test_methods_are_the_schema_enumeration():
+    """Every method is allowed; the default list is the KeyReduction paper's seven (pca_prenorm,
+    keyred's variant of its pca baseline, only on request)."""
     reduction = load_schema()["properties"]["reduction"]["properties"]
     assert tuple(reduction["methods"]["items"]["enum"]) == METHODS
-    assert tuple(reduction["methods"]["default"]) == METHODS
+    assert tuple(reduction["methods"]["default"]) == tuple(method for method in METHODS if method != "pca_prenorm")
+    assert tuple(reduction["prune"]["properties"]["drrqr_sampling"]["enum"]) == DRRQR_SAMPLING
+    assert reduction["prune"]["properties"]["drrqr_sampling"]["default"] == "positions"
 
 
 def test_rrqr_f_must_exceed_one_before_any_job():
@@ -181,7 +185,7 @@ def test_ratio_zero_reproduces_the_logits_exactly(family, models, packed, tokens
         pruned, extra = prune_model(model, settings(method, 0.0), packed, log=QUIET)
         assert torch.equal(logits(pruned, tokens), reference), method
         assert extra["new_key_dim"] == extra["key_dim"] == 16 and extra["calibration"]["sequences"] == 0
-        if method != "pca":
+        if method not in PCA_METHODS:
             assert extra["kept_indices"] == [[list(range(16))] * 4] * 2
 
 
@@ -198,7 +202,7 @@ def test_every_method_keeps_distinct_channels_and_slices_them(family, models, pa
             assert (new.head_k_dim, new.head_v_dim) == (8, value_dim)
             for unchanged in ("v_proj", "b_proj", "o_proj"):
                 assert torch.equal(getattr(new, unchanged).weight, getattr(old, unchanged).weight)
-            if method == "pca":
+            if method in PCA_METHODS:
                 continue
             kept = torch.tensor(extra["kept_indices"][index])
             assert kept.shape == (4, 8)
@@ -210,16 +214,21 @@ def test_every_method_keeps_distinct_channels_and_slices_them(family, models, pa
             assert torch.equal(new.k_conv1d.weight, old.k_conv1d.weight[k_rows])
         if method in ("drrqr", "rrqr"):
             assert len(extra["rrqr"]["swaps"]) == 2 and len(extra["rrqr"]["swaps"][0]) == 4
-        if method in ("drrqr", "pca", "wanda", "taylor"):
-            assert extra["calibration"] == {"sequences": 4, "length": 64, "tokens": 256}
+        if method in ("drrqr", "pca", "pca_prenorm", "wanda", "taylor"):
+            loss = {"loss": "lm"} if method == "taylor" else {}
+            assert extra["calibration"] == {"sequences": 4, "length": 64, "tokens": 256, "source": "packed", **loss}
 
 
+@pytest.mark.parametrize("method", PCA_METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_pca_projects_and_reports_its_conv_error(family, models, packed):
+def test_pca_projects_and_reports_its_conv_error(family, method, models, packed):
     model = models[family]
-    spec = settings("pca", 0.5)
+    spec = settings(method, 0.5)
     pruned, extra = prune_model(model, spec, packed, log=QUIET)
     assert extra["kept_indices"] is None
+    statistics = extra["pca_statistics"]
+    assert statistics["l2_normalised"] == statistics["centred"] == (method == "pca")
+    assert statistics["keys_per_head"] == 4 * 64 * steps(attention(model, 0))
     error = extra["pca_conv_error"]
     assert len(error["q"]) == len(error["k"]) == 2 and 0 < error["mean"] < 2
     # the top half of a PSD matrix's eigenvalues hold at least half of its trace
@@ -290,6 +299,203 @@ def test_taylor_follows_the_gradients(family, models, packed):
     assert all(3 not in head for head in taylor["kept_indices"][0])
     assert all(p.grad is None for p in model.parameters())
     assert [p.requires_grad for p in model.parameters()] == [p.requires_grad for p in models[family].parameters()]
+
+
+# ------------------------------------------------------------------- drrqr's row sampling
+
+def stacked_rows(model, windows: np.ndarray) -> list[torch.Tensor]:
+    """Per layer, each head's stacked rows [Q; K] [H, N L (1 + n), d_k] recomputed here: q_proj and
+    k_proj outputs (hooked), a causal depthwise conv written with F.conv1d, then SiLU; q rows in
+    token order, then k rows in (token, step) order."""
+    import torch.nn.functional as F
+    from keyred.fla.models import attention_layers
+
+    layers, outputs = attention_layers(model), {}
+    handles = [getattr(layer, f"{which}_proj").register_forward_hook(
+        lambda m, a, out, key=(i, which): outputs.setdefault(key, out.detach()))
+        for i, (_, layer) in enumerate(layers) for which in ("q", "k")]
+    with torch.no_grad():
+        model(input_ids=torch.from_numpy(windows))
+    for handle in handles:
+        handle.remove()
+    stacked = []
+    for index, (_, layer) in enumerate(layers):
+        parts = []
+        for which in ("q", "k"):
+            x, conv = outputs[index, which].transpose(1, 2), getattr(layer, f"{which}_conv1d")
+            with torch.no_grad():
+                padded = F.pad(x, (conv.weight.shape[-1] - 1, 0))
+                y = F.silu(F.conv1d(padded, conv.weight, conv.bias, groups=x.shape[1]))
+            parts.append(y.transpose(1, 2).reshape(-1, layer.num_heads, layer.head_k_dim))
+        stacked.append(torch.cat(parts).transpose(0, 1))
+    return stacked
+
+
+@pytest.mark.parametrize("family", ["delta_net", "gated_deltaproduct"])
+def test_drrqr_per_head_draws_the_reference_rows(family, models):
+    """per_head: rows of each head's stacked [Q; K], a fresh numpy RandomState(seed) choice per
+    layer and head; windows in 2 batches (the draw does not depend on the batching)."""
+    from keyred.fla.models import attention_layers
+    from keyred.reduction.calibration import activation_statistics, drrqr_sampling
+
+    model, windows = models[family], np.random.default_rng(0).integers(0, 512, size=(3, 40)).astype(np.int64)
+    layers, stacked = attention_layers(model), stacked_rows(model, windows)
+    available = stacked[0].shape[1]
+    assert available == 3 * 40 * (1 + steps(attention(model, 0)))
+    spec = settings("drrqr", 0.5, rrqr_rows=50, drrqr_sampling="per_head", seed=42)
+    rows = activation_statistics(model, layers, windows, spec, "cpu", QUIET)
+    generator = np.random.RandomState(42)
+    for entry, expected in zip(rows, stacked):
+        drawn = [np.sort(generator.choice(available, 50, replace=False)) for _ in range(4)]
+        assert entry["rows"].shape == (4, 50, 16) and len({tuple(d) for d in drawn}) == 4   # a fresh draw per head
+        for head in range(4):
+            torch.testing.assert_close(entry["rows"][head], expected[head, drawn[head]], atol=1e-5, rtol=1e-5)
+    assert drrqr_sampling(layers, windows, spec) == {
+        "rule": "per_head", "rows": 50, "rows_available": available, "seed": 42,
+        "draw": "rows of each head's stacked [Q; K] without replacement, a fresh draw per layer and head "
+                "(numpy RandomState.choice)"}
+    everything = activation_statistics(model, layers, windows, dataclasses.replace(spec, rrqr_rows=available), "cpu",
+                                       QUIET)
+    for entry, expected in zip(everything, stacked):     # not more rows than asked for: all of them, in order
+        torch.testing.assert_close(entry["rows"], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["delta_net", "gated_deltaproduct"])
+def test_drrqr_positions_share_token_positions(family, models):
+    """positions (the default): every head of every layer reads the q row and the n k rows of the
+    same tokens."""
+    from keyred.fla.models import attention_layers
+    from keyred.reduction.calibration import activation_statistics, drrqr_sampling
+
+    model, windows = models[family], np.random.default_rng(0).integers(0, 512, size=(3, 40)).astype(np.int64)
+    layers, stacked, n = attention_layers(model), stacked_rows(model, windows), steps(attention(model, 0))
+    spec = settings("drrqr", 0.5, rrqr_rows=60)
+    assert spec.drrqr_sampling == "positions"
+    chosen = torch.randperm(120, generator=torch.Generator().manual_seed(spec.seed))[:60 // (1 + n)].sort().values
+    keys = (120 + chosen[:, None] * n + torch.arange(n)).flatten()
+    for entry, expected in zip(activation_statistics(model, layers, windows, spec, "cpu", QUIET), stacked):
+        torch.testing.assert_close(entry["rows"], expected[:, torch.cat([chosen, keys])], atol=1e-5, rtol=1e-5)
+    assert drrqr_sampling(layers, windows, spec)["rows"] == 60 // (1 + n) * (1 + n)
+
+
+def test_drrqr_records_its_sampling_and_the_default_is_unchanged(models, packed):
+    model = models["gated_deltanet"]
+    _, default = prune_model(model, settings("drrqr", 0.5), packed, log=QUIET)
+    _, positions = prune_model(model, settings("drrqr", 0.5, drrqr_sampling="positions"), packed, log=QUIET)
+    _, per_head = prune_model(model, settings("drrqr", 0.5, drrqr_sampling="per_head", rrqr_rows=300), packed,
+                              log=QUIET)
+    assert default["kept_indices"] == positions["kept_indices"]
+    assert default["drrqr_sampling"] == {"rule": "positions", "rows": 512, "rows_available": 512, "seed": 0,
+                                         "draw": positions["drrqr_sampling"]["draw"]}
+    assert (per_head["drrqr_sampling"]["rule"], per_head["drrqr_sampling"]["rows"]) == ("per_head", 300)
+    assert per_head["settings"]["drrqr_sampling"] == "per_head" and per_head["rrqr"]["rows"] == 300
+    assert all(len(set(head)) == 8 for layer in per_head["kept_indices"] for head in layer)
+    with pytest.raises(ConfigError, match=r"'reduction\.prune\.drrqr_sampling': 'rows' is not allowed; "
+                                          r"allowed values: positions, per_head"):
+        settings("drrqr", 0.5, drrqr_sampling="rows")
+
+
+# ------------------------------------------------------------------- task calibration
+
+def task_data(count: int = 5, length: int = 12):
+    """Token ids and targets [count, length] (np.int64): about half the positions scored, one
+    window not scored at all."""
+    rng = np.random.default_rng(3)
+    windows = rng.integers(0, 512, size=(count, length)).astype(np.int64)
+    targets = np.where(rng.random((count, length)) < 0.5, rng.integers(0, 512, size=(count, length)), -100)
+    targets[1] = -100
+    return windows, targets.astype(np.int64)
+
+
+def task_loss(model, windows, targets):
+    """The mean cross-entropy of the logits at t against targets[t] over the scored positions."""
+    logits = model(input_ids=torch.from_numpy(windows)).logits
+    scored = torch.from_numpy(targets != -100)
+    return -torch.log_softmax(logits.double(), -1)[scored, torch.from_numpy(targets)[scored]].mean()
+
+
+def test_taylor_with_targets_takes_the_gradient_of_the_task_loss(models):
+    from keyred.fla.models import attention_layers
+    from keyred.reduction.calibration import taylor_gradients
+    from keyred.reduction.selection import top_channels
+    from keyred.reduction.channels import by_head, weights_by_head
+
+    model = copy.deepcopy(models["delta_net"]).double()
+    layers, (windows, targets) = attention_layers(model), task_data()
+    spec = settings("taylor", 0.5, batch_size=2)
+    gradients = taylor_gradients(model, layers, windows, spec, "cpu", QUIET, targets)
+    assert all(p.grad is None for p in model.parameters())
+    task_loss(model, windows, targets).backward()
+    for (_, layer), (q, k) in zip(layers, gradients):
+        torch.testing.assert_close(q, layer.q_proj.weight.grad, atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(k, layer.k_proj.weight.grad, atol=1e-12, rtol=1e-9)
+    model.zero_grad(set_to_none=True)
+    weight, direction = layers[0][1].q_proj.weight, torch.randn_like(layers[0][1].q_proj.weight)
+    with torch.no_grad():     # a central difference along a random direction, no autograd
+        weight += 1e-5 * direction
+        above = task_loss(model, windows, targets)
+        weight -= 2e-5 * direction
+        below = task_loss(model, windows, targets)
+        weight += 1e-5 * direction
+    assert (above - below).item() / 2e-5 == pytest.approx((gradients[0][0] * direction).sum().item(), rel=1e-6)
+    kept = select_channels(model, spec, 8, windows, log=QUIET, targets=targets).kept
+    for (_, layer), grads, chosen in zip(layers, gradients, kept):
+        scores = (weights_by_head(layer) * by_head(layer, *grads)).abs().sum((1, 3))
+        assert torch.equal(chosen, top_channels(scores, 8).cpu())
+
+
+def test_targets_of_the_next_token_give_the_lm_gradients(models):
+    from keyred.fla.models import attention_layers
+    from keyred.reduction.calibration import taylor_gradients
+
+    model, (windows, _) = models["gated_deltaproduct"], task_data()
+    layers, spec = attention_layers(model), settings("taylor", 0.5, batch_size=2)
+    shifted = np.concatenate([windows[:, 1:], np.full((len(windows), 1), -100)], 1)
+    for lm, task in zip(taylor_gradients(model, layers, windows, spec, "cpu", QUIET),
+                        taylor_gradients(model, layers, windows, spec, "cpu", QUIET, shifted)):
+        for a, b in zip(lm, task):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_given_windows_prune_like_the_packed_corpus(models, packed):
+    """Windows given directly are those the packed path draws: the same choice per method; the
+    metadata says where they came from."""
+    from keyred.reduction.calibration import calibration_windows
+
+    model = models["gated_deltanet"]
+    for method in ("drrqr", "pca", "wanda", "taylor"):
+        spec = settings(method, 0.5)
+        windows = calibration_windows(packed, spec.calibration_count, spec.calibration_length, spec.seed)
+        pruned, extra = prune_model(model, spec, packed, log=QUIET)
+        given, given_extra = prune_model(model, spec, windows=windows.astype(np.int64), log=QUIET)
+        assert given_extra["kept_indices"] == extra["kept_indices"], method
+        for name, tensor in pruned.state_dict().items():
+            torch.testing.assert_close(given.state_dict()[name], tensor, atol=1e-6, rtol=1e-5)
+        assert given_extra["calibration"] == {**extra["calibration"], "source": "windows"}
+    windows, targets = task_data()
+    _, extra = prune_model(model, settings("taylor", 0.5), windows=windows, targets=targets, log=QUIET)
+    assert extra["calibration"] == {"sequences": 5, "length": 12, "tokens": 60, "source": "windows",
+                                    "loss": "targets", "scored_positions": int((targets != -100).sum())}
+    _, extra = prune_model(model, settings("l1", 0.5), windows=windows, targets=targets, log=QUIET)
+    assert extra["calibration"] == {"sequences": 0, "length": 0, "tokens": 0, "source": None}
+
+
+def test_bad_task_windows_are_refused(models, packed):
+    model, (windows, targets) = models["delta_net"], task_data()
+    spec = settings("taylor", 0.5)
+    cases = [(dict(packed=packed, windows=windows), "'windows': give calibration data once"),
+             (dict(targets=targets), "'targets': targets need their windows"),
+             (dict(windows=windows[0]), "'windows': must be a non-empty integer array [N, L]"),
+             (dict(windows=windows.astype(np.float32)), "'windows': must be a non-empty integer array"),
+             (dict(windows=windows + 512), "token ids must lie in [0, 512)"),
+             (dict(windows=windows, targets=targets[:, :-1]), "'targets': must be an integer array shaped like"),
+             (dict(windows=windows, targets=np.full_like(targets, -100)), "scores no position"),
+             (dict(windows=windows, targets=np.where(targets == -100, -100, 512)), "scored targets must lie in"),
+             (dict(), "method taylor needs calibration data")]
+    for arguments, message in cases:
+        with pytest.raises(ConfigError) as error:
+            prune_model(model, spec, log=QUIET, **arguments)
+        assert message in str(error.value), (arguments.keys(), str(error.value))
 
 
 # ------------------------------------------------------------------------ checkpoints and CLI

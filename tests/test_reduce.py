@@ -3,6 +3,7 @@ pruned and LoRA checkpoints per ratio in the layout keyred.checkpoints reads bac
 table, refusals before any work (in the job and in the workflow's dry run)."""
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -26,13 +27,14 @@ def parent(packed_wikipedia, tmp_path_factory):
     return folder
 
 
-def spec(**finetune) -> str:
+def spec(documents: int = 1, **finetune) -> str:
     defaults = validate_config({})
     return json.dumps({"prune": {**defaults["reduction"]["prune"], "calibration_sequences": 2,
                                  "calibration_length": 64, "gradient_sequences": 2},
                        "finetune": {**defaults["reduction"]["finetune"], "steps": 2, "batch_size": 2, "seq_len": 32,
                                     "eval_sequences": 2, **finetune},
-                       "evaluate": {**defaults["evaluate"], "tasks": ["heldout_perplexity"], "max_documents": 1,
+                       "evaluate": {**defaults["evaluate"], "tasks": ["heldout_perplexity"],
+                                    "max_documents": documents,
                                     "extrapolation_sequences": 1}})
 
 
@@ -45,10 +47,15 @@ def arguments(root, parent, out, method="drrqr", ratios=("0.5",), spec_json=None
 
 def test_one_job_prunes_recovers_and_evaluates_every_ratio(packed_wikipedia, parent, tmp_path):
     out = tmp_path / "gdn" / "drrqr"
-    assert main(arguments(packed_wikipedia, parent, out, ratios=("0.25", "0.5"))) == 0
+    assert main(arguments(packed_wikipedia, parent, out, ratios=("0.25", "0.5"), spec_json=spec(documents=3))) == 0
 
     results = pd.read_csv(reduction_table_path(out, "evaluation"))
-    assert list(results.columns[:4]) == ["model", "method", "ratio", "stage"]
+    assert list(results.columns) == ["model", "method", "ratio", "stage", "task", "metric", "value", "stderr", "n",
+                                     "delta", "delta_stderr"]
+    bits = results[results.metric == "bits_per_byte"]
+    assert len(bits) == 4 and (bits.n == 3).all()
+    assert np.isfinite(bits[["stderr", "delta", "delta_stderr"]]).all().all()
+    assert (bits.delta_stderr < bits.stderr).all()     # paired with the parent on the same documents
     assert set(zip(results["ratio"], results["stage"])) == {(0.25, PRUNED), (0.25, LORA), (0.5, PRUNED),
                                                             (0.5, LORA)}
     assert results["value"].notna().all() and set(results["metric"]) >= {"bits_per_byte"}
@@ -146,3 +153,29 @@ def test_bad_input_fails_before_any_work(packed_wikipedia, parent, tmp_path, cap
     error = capsys.readouterr().err
     assert code == 2 and message in error, error
     assert not (tmp_path / "out").exists()
+
+
+def test_the_reduction_table_and_figure_carry_standard_errors_and_the_resolution(tmp_path):
+    """Baselines get no paired difference; the resolution is 2 x the median paired stderr per metric."""
+    from keyred.checkpoints import UNPRUNED
+    from keyred.figures.reduction import REDUCTION_METRICS, TABLE_COLUMNS, plot_reduction, reduction_table, resolution
+
+    metrics = [(task, metric) for task, metric, _ in REDUCTION_METRICS]
+    baseline = pd.DataFrame([dict(model="gdn", method="none", ratio=0.0, task=task, metric=metric, value=2.0,
+                                  stderr=0.1, n=5, d_k=16) for task, metric in metrics])
+    baseline.to_csv(tmp_path / "baseline.csv", index=False)
+    folder = tmp_path / "gdn" / "l1"
+    folder.mkdir(parents=True)
+    reduced = pd.DataFrame([dict(model="gdn", method="l1", ratio=ratio, stage=stage, task=task, metric=metric,
+                                 value=2.0 + ratio, stderr=0.1, n=5, delta=ratio, delta_stderr=0.001 * (1 + index))
+                            for index, (ratio, stage) in enumerate([(0.25, PRUNED), (0.5, PRUNED), (0.5, LORA)])
+                            for task, metric in metrics])
+    reduced.to_csv(reduction_table_path(folder, "evaluation"), index=False)
+    table = reduction_table([tmp_path / "baseline.csv"], [folder])
+    assert list(table.columns) == TABLE_COLUMNS and len(table) == 4 * len(metrics)
+    unpruned = table[table.stage == UNPRUNED]
+    assert unpruned.delta.isna().all() and unpruned.delta_stderr.isna().all() and (unpruned.stderr == 0.1).all()
+    resolved = resolution(table)
+    assert len(resolved) == len(metrics) and np.allclose(resolved.resolution, 2 * 0.002)
+    plot_reduction(table, tmp_path / "reduction.png")
+    assert (tmp_path / "reduction.png").stat().st_size > 10_000

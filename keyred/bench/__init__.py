@@ -8,10 +8,10 @@ and part of the chunked kernels' work; these modules measure how much of that be
     spec      the workflow's --spec of each job, from the config's bench section; light
     shapes    random-weight shapes (family, width, heads, d_k, d_v) and their fla config keys; light
     errors    the refusals (BenchmarkError, InsufficientMemoryError); light
-    sources   checkpoints and random weights to benchmark, the family's mixer layer
+    sources   checkpoints and random weights to benchmark, grouped by shape; the family's mixer layer
     memory    estimates before any work, free memory, the measured peak, out-of-memory as an error
     kernels   which delta-rule ops ran (a spy on keyred.fla.sites) and whose launch choices
-    timing    warm-up, timed repeats, the median; CUDA graph capture
+    timing    warm-up, timed repeats, median and quartiles, shapes interleaved round-robin; CUDA graphs
     passes    the timed calls: model forward, mixer forward(+backward), cached decoding
     runs      the three kinds as one plan runner (a plan is a list of cases, one loop measures them)
     table     the tidy table's columns and the environment columns

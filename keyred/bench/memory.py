@@ -8,7 +8,9 @@ a run is re-raised naming the shape (InsufficientMemoryError).
 peak_mem_bytes is the peak over the timed repeats (their preparation included); peak_mem_kind says
 what it is: 'cuda_max_allocated' (torch.cuda.max_memory_allocated, weights included),
 'cpu_rss_peak_delta' (growth of the process's peak resident set over the resident set at the
-start, Linux, weights excluded), or 'unavailable' (NaN).
+start, Linux, weights excluded), or 'unavailable' (NaN). When several models are timed in turn
+(keyred.bench.timing.measure_interleaved) they all stay in memory, and a model's peak is taken per
+call: on CUDA the growth over the call plus its own weights, so the number is the same kind.
 """
 
 from __future__ import annotations
@@ -140,17 +142,21 @@ def release(device: str) -> None:
 
 class PeakMemory:
     """Peak memory over a region (see the module docstring for the kinds): start(), then stop()
-    returns (bytes, kind)."""
+    returns (bytes, kind). With `resident_bytes` (a subject's weights while other subjects stay in
+    memory too), CUDA's peak is the growth of allocated memory over the region plus resident_bytes."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, resident_bytes: int | None = None):
         self.device = device
         self.kind = "unavailable"
         self.start_rss = 0
+        self.resident_bytes = resident_bytes
+        self.start_allocated = 0
 
     def start(self) -> None:
         if self.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.start_allocated = torch.cuda.memory_allocated()
             self.kind = "cuda_max_allocated"
             return
         try:  # writing 5 resets the peak resident set size (VmHWM) of this process (Linux >= 4.0)
@@ -163,7 +169,10 @@ class PeakMemory:
     def stop(self) -> tuple[float, str]:
         if self.kind == "cuda_max_allocated":
             torch.cuda.synchronize()
-            return float(torch.cuda.max_memory_allocated()), self.kind
+            peak = torch.cuda.max_memory_allocated()
+            if self.resident_bytes is not None:
+                peak = peak - self.start_allocated + self.resident_bytes
+            return float(peak), self.kind
         if self.kind == "cpu_rss_peak_delta":
             return float(max(0, _proc_status_bytes("VmHWM") - self.start_rss)), self.kind
         return math.nan, self.kind

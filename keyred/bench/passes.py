@@ -1,4 +1,5 @@
-"""The timed passes: a causal LM's forward, one mixer's forward or forward+backward, cached decoding.
+"""The timed passes: a causal LM's forward (the call to time), one mixer's forward or
+forward+backward, cached decoding.
 
 Decoding prefills a random prompt with use_cache=True, then generates `steps` tokens one at a time
 (greedy) from the cache; only the decode steps are timed. The state bytes per sequence are summed
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,16 +20,15 @@ from keyred.bench.plan import Timing
 from keyred.bench.timing import Measurement, capture_cuda_graph, measure
 
 
-def measure_forward(model, tokens: torch.Tensor, timing: Timing, device: str) -> Measurement:
-    """The causal LM's forward without grad (logits of every position) on token ids [B, T]."""
+def forward_call(model, tokens: torch.Tensor) -> Callable[[], Callable[[], None]]:
+    """The prepare() of the causal LM's forward without grad (logits of every position) on token
+    ids [B, T], for keyred.bench.timing.measure or measure_interleaved."""
 
-    def prepare():
-        def forward():
-            with torch.no_grad():
-                model(input_ids=tokens, use_cache=False)
-        return forward
+    def forward():
+        with torch.no_grad():
+            model(input_ids=tokens, use_cache=False)
 
-    return measure(prepare, timing, device)
+    return lambda: forward
 
 
 def measure_mixer(layer, hidden: torch.Tensor, which: str, timing: Timing, device: str, seed: int = 0,

@@ -77,7 +77,9 @@ OPTIONS: tuple[Option, ...] = (
            help="on CUDA, fla's kernels with keyred's launch choices (DeltaNet: autotuned fused-recurrent launch, "
                 "chunks of 32 for d_k <= 64 without grad) or fla's own"),
     Option("warmup", KINDS, "int", 3, help="untimed calls first (kernel autotuning)"),
-    Option("repeats", KINDS, "int", 10, help="timed calls (the median is reported)"),
+    Option("repeats", KINDS, "int", 10, help={
+        "model": "rounds, each timing every distinct shape once, in turn (median and quartiles reported)",
+        "mixer": "timed calls (median and quartiles reported)", "decode": "timed calls (median and quartiles reported)"}),
     Option("dtype", KINDS, "str", "auto", choices=DTYPES, help="auto: bfloat16 on CUDA, float32 on CPU"),
     Option("seed", KINDS, "int", 0),
 )

@@ -1,8 +1,10 @@
 """The three benchmark kinds as one plan runner: a plan is a list of cases, one loop measures them.
 
 - model: the whole causal LM's forward (no grad, logits of every position) at one batch x length,
-  for every model given, one after the other in one process: checkpoints, the pruned checkpoint of
-  each ratio of keyred.reduction.sweep output folders, and random-weight shapes.
+  for every model given (checkpoints, the pruned checkpoint of each ratio of keyred.reduction.sweep
+  output folders, random-weight shapes), grouped by shape (keyred.bench.sources.group_by_shape):
+  each shape is built once, from the first model of that shape, and all shapes are timed
+  round-robin in one process (keyred.bench.timing.measure_interleaved); one row per model given.
 - mixer: one linear-attention layer (the family's block builds it, as in the model) on random
   hidden states [B, T, D], 'forward' (no grad) and 'forward+backward' (gradients of the layer's
   parameters and input) timed separately; with cuda_graph the forward is replayed from a CUDA graph.
@@ -30,13 +32,14 @@ from keyred.bench.errors import BenchmarkError
 from keyred.bench.kernels import launch_kernels, launch_label
 from keyred.bench.memory import (check_memory, estimate_decode_bytes, estimate_forward_bytes, estimate_mixer_bytes,
                                  out_of_memory_as_error, release)
-from keyred.bench.passes import measure_decoding, measure_forward, measure_mixer
+from keyred.bench.passes import forward_call, measure_decoding, measure_mixer
 from keyred.bench.plan import ELEMENT_BYTES, BenchRequest, checkpoint_paths, resolve_dtype
 from keyred.bench.shapes import shape_of
-from keyred.bench.sources import (ModelSource, checkpoint_source, instantiate, mixer_layer,
-                                  mixer_parameter_count, parameter_count, shape_config, shape_source, torch_dtype)
+from keyred.bench.sources import (ModelSource, ShapeGroup, checkpoint_source, group_by_shape, instantiate,
+                                  mixer_layer, mixer_parameter_count, parameter_count, shape_config, shape_source,
+                                  torch_dtype)
 from keyred.bench.table import environment, shape_columns, source_columns, table
-from keyred.bench.timing import Measurement
+from keyred.bench.timing import Measurement, measure_interleaved
 from keyred.console import progress
 
 MAX_CUDA_KEY_DIM = 256  # fla's chunk kernels assert K <= 256
@@ -59,6 +62,7 @@ class Case:
     source: ModelSource | None = None
     steps: int = 1
     cuda_graph: bool = False
+    group: ShapeGroup | None = None  # model: every model of this shape (source is the one timed)
 
 
 def check_key_dim(config, device: str, what: str) -> None:
@@ -110,7 +114,8 @@ class Runs:
 
 
 class ModelRuns(Runs):
-    """Whole-model forward of each model at batch x seq_len."""
+    """Whole-model forward at batch x seq_len: one case per shape (group_by_shape), every shape in
+    memory at once and timed round-robin (run_interleaved); one row per model given."""
 
     kind = "model"
 
@@ -118,37 +123,58 @@ class ModelRuns(Runs):
     def cases(request: BenchRequest, device: str, dtype: str) -> list[Case]:
         if not _has_models(request):
             raise BenchmarkError("no models to benchmark: give --checkpoints, --reductions or --families")
-        batch, seq_len = request.batch, request.seq_len
+        batch, seq_len, element = request.batch, request.seq_len, ELEMENT_BYTES[dtype]
+        groups = group_by_shape(_sources(request))
         cases = []
-        for source in _sources(request):
-            what = f"the forward of {source.label} at batch {batch} x length {seq_len} ({dtype})"
+        for group in groups:
+            source = group.timed
+            what = f"the forward of {group.label} ({source.label}) at batch {batch} x length {seq_len} ({dtype})"
             check_key_dim(source.config, device, what)
             parameters = parameter_count(source.config)
-            estimate = estimate_forward_bytes(source.config, parameters, batch, seq_len, ELEMENT_BYTES[dtype])
-            check_memory(estimate, device, what)
+            estimate = estimate_forward_bytes(source.config, parameters, batch, seq_len, element)
             cases.append(Case(what=what, config=source.config, parameters=parameters, estimate=estimate, batch=batch,
-                              which="forward", tokens=batch * seq_len, source=source,
-                              columns={**source_columns(source, request.name), "seq_len": seq_len}))
+                              which="forward", tokens=batch * seq_len, source=source, group=group,
+                              columns={"seq_len": seq_len, "shape": group.label}))
+        weights = sum(case.parameters * element for case in cases)
+        for case in cases:  # every shape stays in memory while each is timed
+            check_memory(weights - case.parameters * element + case.estimate, device,
+                         f"{case.what}, with the weights of the {len(cases) - 1} other shapes in memory")
         return cases
 
     @staticmethod
-    def build(case: Case, request: BenchRequest, device: str, dtype: str):
-        return instantiate(case.source, device, dtype, request.seed)
+    def run_interleaved(cases: list[Case], request: BenchRequest, device: str, dtype: str,
+                        log) -> list[Measurement]:
+        """Build every shape, warm each up, then time them round-robin; one Measurement per case."""
+        models, prepares = [], []
+        for index, case in enumerate(cases, 1):
+            log(f"[bench] model {index}/{len(cases)}: {case.what}, {case.parameters:,} parameters, for "
+                f"{', '.join(member.label for member in case.group.members)}")
+            with out_of_memory_as_error(case.what):
+                models.append(instantiate(case.source, device, dtype, request.seed))
+            tokens = random_tokens(case.config.vocab_size, case.batch, request.seq_len, request.seed, device)
+            prepares.append(forward_call(models[-1], tokens))
+        log(f"[bench] model: warm-up {request.timing.warmup} per shape (the first calls of a shape compile and "
+            f"autotune fla's kernels), then {request.timing.repeats} rounds over the {len(cases)} shapes")
+        resident = [sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+                    for model in models]
+        with out_of_memory_as_error(f"the forward of {len(cases)} shapes"), \
+                launch_kernels(request.kernel_launch, device):
+            results = measure_interleaved(prepares, request.timing, device, resident)
+        del models, prepares
+        release(device)
+        return results
 
     @staticmethod
-    def measure(model, case: Case, request: BenchRequest, device: str, dtype: str) -> tuple[Measurement, dict]:
-        tokens = random_tokens(case.config.vocab_size, case.batch, request.seq_len, request.seed, device)
-        with launch_kernels(request.kernel_launch, device):
-            return measure_forward(model, tokens, request.timing, device), {}
-
-    @classmethod
-    def started(cls, index: int, total: int, case: Case, request: BenchRequest) -> str:
-        return (f"[bench] model {index}/{total}: {case.what}, {case.parameters:,} parameters; warm-up "
-                f"{request.timing.warmup} (the first calls of a shape compile and autotune fla's kernels)")
+    def rows(case: Case, row: dict, request: BenchRequest, shapes: int) -> list[dict]:
+        """One row per model of the case's shape, each with the shape's measurement."""
+        timed = "" if case.source.checkpoint is None else str(case.source.checkpoint)
+        return [{**row, **source_columns(member, request.name), "timed_checkpoint": timed,
+                 "shapes_interleaved": shapes} for member in case.group.members]
 
     @staticmethod
     def finished(row: dict) -> str:
-        return (f"[bench] model {row['label']} ({row['launch']}): {row['tokens_per_s']:,.0f} tok/s, "
+        return (f"[bench] model {row['shape']} ({row['launch']}): {row['tokens_per_s']:,.0f} tok/s (interquartile "
+                f"{row['tokens_per_s_q25']:,.0f} to {row['tokens_per_s_q75']:,.0f}, {row['repeats']} rounds), "
                 f"{row['latency_ms_median']:.2f} ms, kernel {row['kernel']} ({row['kernel_backend']}), peak memory "
                 f"{row['peak_mem_bytes']:.4g} B ({row['peak_mem_kind']}), warm-up {row['warmup_s']:.1f}s")
 
@@ -282,13 +308,32 @@ def plan(request: BenchRequest, device: str) -> list[Case]:
     return RUNS[request.kind].cases(request, device, resolve_dtype(request.dtype, device))
 
 
+def _row(case: Case, result: Measurement, measured: dict, request: BenchRequest, device: str, dtype: str,
+         env: dict) -> dict:
+    launch = launch_label(case.cuda_graph, request.kernel_launch, device, result.kernels,
+                          shape_of(case.config).key_dim, training=case.which == "forward+backward")
+    return {"kind": request.kind, **case.columns, **shape_columns(case.config, case.parameters),
+            "batch": case.batch, "pass": case.which, "launch": launch, "dtype": dtype, **env,
+            "warmup": request.timing.warmup, "repeats": request.timing.repeats,
+            **result.columns(case.tokens, case.steps), **measured, "estimated_mem_bytes": case.estimate,
+            "seed": request.seed}
+
+
 def run_plan(request: BenchRequest, device: str, log=progress) -> pd.DataFrame:
-    """Measure every case of the request's plan, one after the other in this process, with fla's
-    kernels launched as request.kernel_launch on CUDA; the table (keyred.bench.table.COLUMNS)."""
+    """Measure every case of the request's plan in this process (whole models round-robin, the
+    other kinds one after the other), with fla's kernels launched as request.kernel_launch on
+    CUDA; the table (keyred.bench.table.COLUMNS)."""
     runs = RUNS[request.kind]
     dtype = resolve_dtype(request.dtype, device)
     cases = plan(request, device)
     env = environment(device)
+    if runs is ModelRuns:
+        rows = []
+        for case, result in zip(cases, ModelRuns.run_interleaved(cases, request, device, dtype, log)):
+            row = _row(case, result, {}, request, device, dtype, env)
+            log(ModelRuns.finished(row))
+            rows += ModelRuns.rows(case, row, request, len(cases))
+        return table(rows)
     rows, subject = [], None
     for index, case in enumerate(cases, 1):
         log(runs.started(index, len(cases), case, request))
@@ -299,13 +344,7 @@ def run_plan(request: BenchRequest, device: str, log=progress) -> pd.DataFrame:
         if not runs.keeps(case, cases[index] if index < len(cases) else None):
             subject = None
             release(device)
-        launch = launch_label(case.cuda_graph, request.kernel_launch, device, result.kernels,
-                              shape_of(case.config).key_dim, training=case.which == "forward+backward")
-        row = {"kind": request.kind, **case.columns, **shape_columns(case.config, case.parameters),
-               "batch": case.batch, "pass": case.which, "launch": launch, "dtype": dtype, **env,
-               "warmup": request.timing.warmup, "repeats": request.timing.repeats,
-               **result.columns(case.tokens, case.steps), **measured, "estimated_mem_bytes": case.estimate,
-               "seed": request.seed}
+        row = _row(case, result, measured, request, device, dtype, env)
         rows.append(row)
         log(runs.finished(row))
     return table(rows)

@@ -1,10 +1,17 @@
 """The models and mixers a benchmark runs: checkpoints (given, or each ratio of a reduction
-folder), random weights of a shape, and the family's linear-attention layer."""
+folder), random weights of a shape, models grouped by shape, and the family's linear-attention layer.
+
+The time of a forward depends on the architecture (widths, depth, heads, d_k, d_v, kernels and
+options: the config), not on the values of the weights: fla's and keyred's kernels take no branch
+on the data. So models of one shape (e.g. every reduction method at one ratio: each gives every
+layer and head the same d_k') are timed once, and each gets that shape's numbers.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -13,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from keyred.bench.errors import BenchmarkError
-from keyred.bench.shapes import ModelShape, config_fields
+from keyred.bench.shapes import ModelShape, config_fields, shape_of
 from keyred.checkpoints import METADATA_FILE, CheckpointError, pruning_of, read_info
 from keyred.fla.models import load_checkpoint
 from keyred.fla.families import FAMILIES, REGISTRY, key_head_dim, value_head_dim
@@ -72,6 +79,49 @@ def shape_source(shape: ModelShape) -> ModelSource:
     label = f"{shape.family} d_k {shape.key_dim}"
     return ModelSource(label=label, config=shape_config(shape), checkpoint=None, method="none",
                        ratio=math.nan, stage="random")
+
+
+# config keys that change neither what a forward computes nor how: where it came from, the saved
+# dtype (a benchmark casts to its own), the class names
+NON_SHAPE_KEYS = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures",
+                  "auto_map")
+
+
+def shape_key(config) -> str:
+    """The architecture of an fla config: every key but NON_SHAPE_KEYS, as canonical JSON."""
+    values = {key: value for key, value in config.to_dict().items() if key not in NON_SHAPE_KEYS}
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeGroup:
+    """The models of one architecture (shape_key): the first one given is timed, each gets its numbers."""
+
+    label: str
+    members: tuple[ModelSource, ...]
+
+    @property
+    def timed(self) -> ModelSource:
+        return self.members[0]
+
+
+def group_by_shape(sources: list[ModelSource]) -> list[ShapeGroup]:
+    """The sources grouped by shape_key, groups and members in the order given; label e.g.
+    'delta_net 2x64, 4 heads, d_k 8, d_v 16' (with ' #2', ' #3' for architectures that differ
+    elsewhere)."""
+    groups: dict[str, list[ModelSource]] = {}
+    for source in sources:
+        groups.setdefault(shape_key(source.config), []).append(source)
+    labels: dict[str, int] = {}
+    result = []
+    for members in groups.values():
+        shape = shape_of(members[0].config)
+        label = (f"{shape.family} {shape.num_layers}x{shape.hidden_size}, {shape.num_heads} heads, "
+                 f"d_k {shape.key_dim}, d_v {shape.value_dim}")
+        labels[label] = labels.get(label, 0) + 1
+        result.append(ShapeGroup(label=label if labels[label] == 1 else f"{label} #{labels[label]}",
+                                 members=tuple(members)))
+    return result
 
 
 def torch_dtype(dtype: str) -> torch.dtype:

@@ -1,5 +1,12 @@
 """The tidy benchmark table: one row per measurement with the columns COLUMNS (a column that does
-not apply to a kind is empty), and the columns every row shares (device, versions)."""
+not apply to a kind is empty), and the columns every row shares (device, versions).
+
+Whole-model rows are one per model given; models of one shape share one measurement: `shape`
+names it, `timed_checkpoint` is the model that was timed for it (empty for random weights), and
+`shapes_interleaved` counts the shapes timed round-robin in the process. `repeats` is the number
+of timed calls behind the median, the quartiles (q25, q75) and min/max; tokens/s quartiles are
+the tokens of one call over the latency quartiles (tokens_per_s_q25 from latency_ms_q75).
+"""
 
 from __future__ import annotations
 
@@ -16,11 +23,12 @@ from keyred.bench.sources import ModelSource
 from keyred.checkpoints import package_versions
 
 COLUMNS = (
-    "kind", "model", "label", "family", "method", "ratio", "stage", "checkpoint",
+    "kind", "model", "label", "family", "method", "ratio", "stage", "checkpoint", "shape", "timed_checkpoint",
     "d_k", "d_v", "hidden_size", "num_layers", "num_heads", "parameters",
     "batch", "seq_len", "prompt_len", "pass", "launch", "dtype", "device", "device_name",
-    "kernel", "kernel_backend", "warmup", "warmup_s", "repeats",
-    "latency_ms_median", "latency_ms_min", "latency_ms_max", "tokens_per_s",
+    "kernel", "kernel_backend", "warmup", "warmup_s", "repeats", "shapes_interleaved",
+    "latency_ms_median", "latency_ms_min", "latency_ms_max", "latency_ms_q25", "latency_ms_q75",
+    "tokens_per_s", "tokens_per_s_q25", "tokens_per_s_q75",
     "peak_mem_bytes", "peak_mem_kind", "estimated_mem_bytes",
     "state_bytes_per_seq", "recurrent_state_bytes_per_seq", "conv_state_bytes_per_seq",
     "seed", "torch_version", "fla_version", "triton_version",

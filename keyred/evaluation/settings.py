@@ -17,7 +17,9 @@ class EvaluateSettings:
     tasks: local (offline) tasks, hub_tasks: tasks that need network access; each is run once,
     in the order given. max_documents: held-out documents scored by heldout_perplexity (the
     first ones). max_length: lm-eval's context window in tokens (rolling windows, left-truncated
-    contexts). extrapolation_factor, extrapolation_sequences: windows of factor x training context.
+    contexts). extrapolation_factor, extrapolation_sequences: windows of factor x training context;
+    extrapolation_sources: hub datasets cut into longer chunks (empty: none).
+    bootstrap_iters: resamples of the seeded bootstrap of standard errors (keyred.evaluation.uncertainty).
     """
 
     tasks: tuple[str, ...]
@@ -30,7 +32,9 @@ class EvaluateSettings:
     max_length: int
     extrapolation_factor: int
     extrapolation_sequences: int
+    extrapolation_sources: dict        # name -> hub source (keyred.evaluation.extrapolation.extrapolation_sources)
     seed: int
+    bootstrap_iters: int
 
     def __post_init__(self):
         for name in ("tasks", "hub_tasks"):

@@ -26,7 +26,8 @@ import yaml
 from keyred.config import ConfigError
 
 LOCAL_TASKS = ("heldout_perplexity", "heldout_last_word", "assoc_recall")
-HUB_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge")
+HUB_TASKS = ("wikitext", "lambada_openai", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+             "swde", "squad_completion", "fda")
 LAST_WORD_CONTEXT_WORDS = 64       # at most this many words before the target word
 LAST_WORD_MIN_CONTEXT_WORDS = 16   # a target needs at least this many words before it in its document
 RECALL_KEY_LETTERS = 3             # keys are random lowercase strings of this length; values 10..99

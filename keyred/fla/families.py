@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from types import SimpleNamespace
 from typing import Any
 
 FAMILIES = ("delta_net", "gated_deltanet", "gated_deltaproduct")
@@ -59,19 +60,23 @@ class Family:
     block: str           # "module:Class"
     layer_module: str
     layer_class: str     # the mixer's class name in layer_module
+    config_source: str   # the module that defines config_class (keyred.fla.variants reads its fields there)
 
 
 REGISTRY: dict[str, Family] = {
     "delta_net": Family("delta_net", "fla.models:DeltaNetConfig", "fla.models:DeltaNetForCausalLM",
-                        "fla.models.delta_net.modeling_delta_net:DeltaNetBlock", "fla.layers.delta_net", "DeltaNet"),
+                        "fla.models.delta_net.modeling_delta_net:DeltaNetBlock", "fla.layers.delta_net", "DeltaNet",
+                        "fla.models.delta_net.configuration_delta_net"),
     "gated_deltanet": Family("gated_deltanet", "fla.models:GatedDeltaNetConfig",
                              "fla.models:GatedDeltaNetForCausalLM",
                              "fla.models.gated_deltanet.modeling_gated_deltanet:GatedDeltaNetBlock",
-                             "fla.layers.gated_deltanet", "GatedDeltaNet"),
+                             "fla.layers.gated_deltanet", "GatedDeltaNet",
+                             "fla.models.gated_deltanet.configuration_gated_deltanet"),
     "gated_deltaproduct": Family("gated_deltaproduct", "fla.models:GatedDeltaProductConfig",
                                  "fla.models:GatedDeltaProductForCausalLM",
                                  "fla.models.gated_deltaproduct.modeling_gated_deltaproduct:GatedDeltaProductBlock",
-                                 "fla.layers.gated_deltaproduct", "GatedDeltaProduct"),
+                                 "fla.layers.gated_deltaproduct", "GatedDeltaProduct",
+                                 "fla.models.gated_deltaproduct.configuration_gated_deltaproduct"),
 }
 assert tuple(REGISTRY) == FAMILIES
 
@@ -145,3 +150,29 @@ def with_key_dim(config, key_dim: int):
     for name, value in fields.items():
         setattr(config, name, value)
     return config
+
+
+# ------------------------------------------------------------------------------------ variants
+
+# The columns variant_of gives every table row and keyred.json, in order.
+VARIANT_COLUMNS = ("n_h", "eigenvalues", "num_heads", "d_k", "d_v", "forget_gate", "output_gate", "preset")
+# Each family's output-gate field (fla 0.6 calls it use_output_gate in Gated DeltaProduct only).
+OUTPUT_GATE_FIELDS = {"delta_net": "use_gate", "gated_deltanet": "use_gate", "gated_deltaproduct": "use_output_gate"}
+
+
+def variant_of(config, preset: str | None = None) -> dict[str, Any]:
+    """What kind of model an fla config (object, namespace or config.json dict) is, as the columns
+    VARIANT_COLUMNS: n_h (Householder steps per token: 1 outside Gated DeltaProduct), eigenvalues
+    ("[-1,1]" with allow_neg_eigval, else "[0,1]"), num_heads, d_k, d_v, forget_gate (Gated DeltaNet
+    always decays its state; Gated DeltaProduct with use_forget_gate), output_gate and `preset`
+    (the keyred.fla.variants preset it was built from; None when not one, or not known)."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
+    family = config.model_type
+    check_family(family)
+    forget = {"delta_net": False, "gated_deltanet": True}.get(family)
+    return {"n_h": int(getattr(config, "num_householder", 1)) if family == "gated_deltaproduct" else 1,
+            "eigenvalues": "[-1,1]" if getattr(config, "allow_neg_eigval", False) else "[0,1]",
+            "num_heads": int(config.num_heads), "d_k": key_head_dim(config), "d_v": value_head_dim(config),
+            "forget_gate": bool(getattr(config, "use_forget_gate", False)) if forget is None else forget,
+            "output_gate": bool(getattr(config, OUTPUT_GATE_FIELDS[family], False)), "preset": preset}

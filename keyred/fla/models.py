@@ -16,11 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from keyred.checkpoints import METADATA_FILE, CheckpointError, check_local_checkpoint, new_info, read_info
 from keyred.fla.backend import use_torch_kernels_off_gpu
-from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, architecture, check_family
+from keyred.fla.families import DEFAULT_VOCAB_SIZE, REGISTRY, SIZES, check_family, variant_of
+from keyred.fla.variants import PRESET_FAMILY, PRESETS, model_architecture
 from keyred.provenance import hub_commit
 
 __all__ = ["BLOCK_CLASSES", "CONFIG_CLASSES", "LAYER_CLASSES", "MODEL_CLASSES", "attention_layers",
-           "build_model", "count_parameters", "fla_class", "fla_models", "load_checkpoint", "model_config"]
+           "build_model", "config_parameters", "count_parameters", "fla_class", "fla_models", "load_checkpoint",
+           "model_config", "preset_parameters"]
 
 use_torch_kernels_off_gpu()
 
@@ -37,17 +39,29 @@ BLOCK_CLASSES = {name: fla_class(family.block) for name, family in REGISTRY.item
 LAYER_CLASSES = {name: fla_class(f"{family.layer_module}:{family.layer_class}") for name, family in REGISTRY.items()}
 
 
-def model_config(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE):
-    """The transformers config object of an fla family at a named size."""
-    keys = architecture(family, size)
+def model_config(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, preset: str | None = None,
+                 overrides: dict | None = None, key: str = "models.*"):
+    """The transformers config object of an fla family at a named size, with a preset's fields and
+    fla config `overrides` on top (keyred.fla.variants; ConfigError naming `key` when one is wrong)."""
+    keys = model_architecture(family, size, preset, overrides, key)
     return CONFIG_CLASSES[family](**keys, vocab_size=vocab_size)
 
 
-def build_model(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0):
-    """A freshly initialised fla causal LM (float32, CPU), deterministic in `seed`."""
-    config = model_config(family, size, vocab_size)
+def build_model(family: str, size: str, vocab_size: int = DEFAULT_VOCAB_SIZE, seed: int = 0,
+                preset: str | None = None, overrides: dict | None = None, key: str = "models.*"):
+    """A freshly initialised fla causal LM (float32, CPU), deterministic in `seed` (preset,
+    overrides: as model_config)."""
+    config = model_config(family, size, vocab_size, preset, overrides, key)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
+
+
+def config_parameters(config) -> dict[str, int]:
+    """Parameters of the causal LM of an fla config, counted on a model built on the meta device
+    (no memory, no initialisation): total and without the input and output embeddings (once when tied)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {"parameters": count_parameters(model), "non_embedding": count_parameters(model, include_embeddings=False)}
 
 
 def attention_layers(model) -> list[tuple[str, torch.nn.Module]]:
@@ -61,8 +75,8 @@ def count_parameters(model, include_embeddings: bool = True) -> int:
     total = sum(p.numel() for p in model.parameters())
     if include_embeddings:
         return total
-    embedding = model.get_input_embeddings().weight.numel() + model.get_output_embeddings().weight.numel()
-    return total - embedding
+    embeddings = {id(m.weight): m.weight.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())}
+    return total - sum(embeddings.values())         # tied embeddings are one tensor, counted once
 
 
 def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None, revision: str | None = None,
@@ -97,3 +111,19 @@ def load_checkpoint(name_or_path: str | Path, device: str = "cpu", dtype=None, r
                         extra={"revision": revision, "commit": commit})
         check_family(info.family)
     return model.to(device).eval(), info
+
+
+def preset_parameters(vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[dict]:
+    """One row per preset and named size (keyred.fla.variants.PRESETS): its shape and parameters
+    (config_parameters), with non_embedding_vs_first, its non-embedding parameters over those of the
+    size's first preset (the parameter matching of the trio)."""
+    rows = []
+    for size in SIZES:
+        for preset in PRESETS:
+            config = model_config(PRESET_FAMILY, size, vocab_size, preset)
+            rows.append({"preset": preset, "size": size, **variant_of(config, preset),
+                         "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+                         **config_parameters(config)})
+            first = next(row for row in rows if row["size"] == size)
+            rows[-1]["non_embedding_vs_first"] = rows[-1]["non_embedding"] / first["non_embedding"]
+    return rows

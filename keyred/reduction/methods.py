@@ -12,26 +12,34 @@ o_proj are untouched, so d_v is unchanged (keyred.reduction.surgery).
 Methods, scores per key channel i of a head ("W_k" means all n key steps of Gated DeltaProduct):
 - drrqr: strong rank-revealing QR column selection (Gu & Eisenstat; keyred.reduction.rrqr) on
   M_h = [Q_h; K_h], the q/k short-conv outputs (after SiLU, before the L2 norm) on calibration
-  windows, collected by hooks on the real layers; rrqr_rows // (1 + n) token positions are
-  sampled (seeded), each giving its q row and its n k rows.
+  windows, collected by hooks on the real layers. drrqr_sampling positions (default): rrqr_rows //
+  (1 + n) token positions are sampled (seeded), shared by every layer and head, each giving its q
+  row and its n k rows; per_head (the KeyReduction reference's rule): rrqr_rows rows drawn without
+  replacement from all stacked [Q; K] rows of the head, a fresh draw per layer and head from one
+  numpy RandomState(seed).
 - rrqr: the same selection on the weights alone (data-free), on [W_q,h^T; W_k,h^T] [(1 + n) D, d_k],
   whose columns are the key channels.
 - l1: ||W_q[i]||_1 + ||W_k[i]||_1.
 - wanda: sum_j (|W_q[i, j]| + |W_k[i, j]|) rms(x_j), x the q_proj (= k_proj) inputs.
 - taylor: sum_j |W[i, j] dL/dW[i, j]| over q_proj and k_proj, dL/dW the gradient of the mean LM
-  loss over the calibration windows.
+  loss over the calibration windows (or, with a task's targets, of its mean cross-entropy over
+  the scored positions).
 - random: a seeded uniform choice.
-- pca: not axis-aligned. T_h [d_k', d_k] = the top eigenvectors of the keys' second moment E[k k^T]
-  (uncentred: q.k uses k itself, not k - mean); W' = T_h W for q_proj and k_proj. A depthwise conv
-  followed by SiLU cannot follow a rotation exactly, so kernels (and biases) are mixed,
-  w'_r = sum_d T_rd^2 w_d, and the relative error of the new conv outputs on the calibration
-  windows is reported per layer (keyred.json: pca_conv_error).
+- pca (the KeyReduction paper's baseline): not axis-aligned. T_h [d_k', d_k] = the top
+  eigenvectors of the centred covariance Cov[k^] of the L2-normalised keys k^ = k / sqrt(|k|^2 +
+  eps) (keys only: fla normalises q and k after the short conv and SiLU); W' = T_h W for q_proj
+  and k_proj. A depthwise conv followed by SiLU cannot follow a rotation exactly, so kernels (and
+  biases) are mixed, w'_r = sum_d T_rd^2 w_d, and the relative error of the new conv outputs on
+  the calibration windows is reported per layer (keyred.json: pca_conv_error).
+- pca_prenorm: the same projection, surgery and report, with T_h from the uncentred second moment
+  E[k k^T] of the keys before the L2 norm (the energy of k itself, which q.k reads).
 
 Ratio 0 keeps every channel for every method without calibration (pca included: a full rotation
 would leave q.k unchanged but not the SiLU conv), so the logits are exactly the original ones.
 Calibration windows are seeded draws of calibration_length tokens from the packed train split:
-calibration_sequences of them for drrqr and pca, gradient_sequences for wanda and taylor (the
-KeyReduction reference uses 16 x 2048 and 128 x 2048); l1, rrqr and random need no data.
+calibration_sequences of them for drrqr and the pcas, gradient_sequences for wanda and taylor (the
+KeyReduction reference uses 16 x 2048 and 128 x 2048); l1, rrqr and random need no data. A
+caller may give its own windows instead (a task's sequences; keyred.reduction.prune.prune_model).
 """
 
 from __future__ import annotations
@@ -46,11 +54,14 @@ import jsonschema
 
 from keyred.config import ConfigError, require, schema_at, section_settings
 from keyred.fla.families import FAMILIES, architecture, key_head_dim
+from keyred.fla.variants import entry_architecture
 
-METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca")
-ACTIVATION_METHODS = ("drrqr", "pca")  # calibrated on calibration_sequences windows
+METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca", "pca_prenorm")
+PCA_METHODS = ("pca", "pca_prenorm")  # projections (not channel selections): T_h W, mixed conv kernels
+ACTIVATION_METHODS = ("drrqr", *PCA_METHODS)  # calibrated on calibration_sequences windows
 GRADIENT_METHODS = ("wanda", "taylor")  # calibrated on gradient_sequences windows
 DATA_FREE_METHODS = ("rrqr", "l1", "random")  # the weights (or a seed) alone
+DRRQR_SAMPLING = ("positions", "per_head")  # drrqr's row draws (reduction.prune.drrqr_sampling)
 SECTION = "reduction.prune"  # the config section of every setting but the job's method and ratio
 JOB_KEYS = ("method", "ratio")
 
@@ -62,7 +73,8 @@ class PruneSettings:
 
     round_to: 1, or 16 to round d_k' down to a multiple of 16 (at least 16) for kernel efficiency.
     batch_size: windows per forward during calibration (memory only; results do not depend on it
-    beyond float rounding). rrqr_rows: rows of M_h given to drrqr. max_swaps: None = rrqr's default.
+    beyond float rounding). rrqr_rows: rows of M_h given to drrqr, drawn by drrqr_sampling
+    (positions | per_head). max_swaps: None = rrqr's default.
     """
 
     method: str
@@ -73,6 +85,7 @@ class PruneSettings:
     gradient_sequences: int
     batch_size: int
     rrqr_rows: int
+    drrqr_sampling: str
     rrqr_f: float
     max_swaps: int | None
     seed: int
@@ -80,6 +93,8 @@ class PruneSettings:
     def __post_init__(self):
         require(self.method in METHODS, "prune.method",
                 f"unknown method {self.method!r}; allowed methods: {', '.join(METHODS)}")
+        require(self.drrqr_sampling in DRRQR_SAMPLING, "reduction.prune.drrqr_sampling",
+                f"unknown rule {self.drrqr_sampling!r}; allowed: {', '.join(DRRQR_SAMPLING)}")
         _check_item("reduction.ratios", "prune.ratio", self.ratio)
 
     @property
@@ -140,7 +155,7 @@ def check_reduction_limits(config: dict) -> None:
         model = config["models"][name]
         if model.get("pretrained"):
             continue
-        shape = architecture(model["family"], model["size"])
+        shape = entry_architecture(model, f"models.{name}")
         key_dim = key_head_dim(SimpleNamespace(model_type=model["family"], **shape))
         for ratio in reduction["ratios"]:
             try:

@@ -1,8 +1,9 @@
-"""Each method's choice of key channels (or, for pca, key directions) per layer and head.
+"""Each method's choice of key channels (or, for the pcas, key directions) per layer and head.
 
 A Selection holds, per layer, the new channels as combinations of the old ones: rows of the
-identity for channel selection, the top eigenvectors of the keys' second moment for pca. Ties
-among scores go to the lower channel index; kept indices are ascending.
+identity for channel selection, the top eigenvectors of a key statistic for the pcas (pca: the
+centred covariance of the L2-normalised keys; pca_prenorm: the uncentred second moment of the
+keys before the norm). Ties among scores go to the lower channel index; kept indices are ascending.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ import numpy as np
 import torch
 
 from keyred.config import require
-from keyred.reduction.calibration import activation_statistics, taylor_gradients
+from keyred.reduction.calibration import (activation_statistics, check_task_windows, drrqr_sampling,
+                                          taylor_gradients)
 from keyred.fla.models import attention_layers
-from keyred.reduction.channels import by_head, weights_by_head
+from keyred.reduction.channels import by_head, key_steps, weights_by_head
 from keyred.reduction.methods import DATA_FREE_METHODS, PruneSettings
 from keyred.reduction.rrqr import strong_rrqr
 
@@ -25,8 +27,8 @@ class Selection:
     """The per-layer choice of a method.
 
     transforms: per layer [H, d_k', d_k], the new channels as combinations of the old ones (rows of
-    the identity for channel selection, PCA directions for pca). kept: per layer [H, d_k'] kept
-    channel indices, ascending (None for pca). stats: method facts for the metadata.
+    the identity for channel selection, PCA directions for the pcas). kept: per layer [H, d_k'] kept
+    channel indices, ascending (None for the pcas). stats: method facts for the metadata.
     """
 
     transforms: list
@@ -59,17 +61,32 @@ def rrqr_selection(matrices: list, count: int, settings: PruneSettings) -> Selec
     return channel_selection([r.indices.long().cpu() for r in results], matrices[0].shape[-1], stats)
 
 
-def pca_selection(second_moments: list, count: int) -> Selection:
-    """T_h [d_k', d_k]: the top eigenvectors of each head's key second moment [H, d_k, d_k], largest
-    first, each signed so that its largest-magnitude entry is positive."""
+def pca_selection(matrices: list, count: int, statistics: dict | None = None) -> Selection:
+    """T_h [d_k', d_k]: the top eigenvectors of each head's symmetric PSD key statistic [H, d_k, d_k]
+    (a covariance or a second moment), largest first, each signed so that its largest-magnitude
+    entry is positive; stats: pca_energy_kept [layer][head] = the top eigenvalues' share of the
+    trace, and pca_statistics (what the matrices were; recorded as given)."""
     transforms, energy = [], []
-    for moment in second_moments:
-        values, vectors = torch.linalg.eigh(moment.double().cpu())
+    for matrix in matrices:
+        values, vectors = torch.linalg.eigh(matrix.double().cpu())
         top = vectors.flip(-1)[..., :count].transpose(1, 2)
         signs = top.gather(-1, top.abs().argmax(-1, keepdim=True)).sign()
         transforms.append(top * signs)
         energy.append((values.flip(-1)[..., :count].sum(-1) / values.sum(-1)).tolist())
-    return Selection(transforms=transforms, kept=None, stats={"pca_energy_kept": energy})
+    stats = {"pca_energy_kept": energy}
+    if statistics is not None:
+        stats["pca_statistics"] = statistics
+    return Selection(transforms=transforms, kept=None, stats=stats)
+
+
+def pca_statistics(method: str, keys: int) -> dict:
+    """What a pca's matrices were (keyred.json: pca_statistics): keys read per head (all n keys
+    of a token for Gated DeltaProduct), whether L2-normalised (fla's l2norm, as the delta rule
+    sees them) and centred, and the statistic."""
+    normalised = method == "pca"
+    return {"keys": "k (short-conv outputs with SiLU; queries not read)", "keys_per_head": keys,
+            "l2_normalised": normalised, "centred": normalised,
+            "statistic": "covariance E[(k^ - m)(k^ - m)^T]" if normalised else "second moment E[k k^T]"}
 
 
 def _data_free_selection(layers, method: str, count: int, key_dim: int, settings: PruneSettings) -> Selection:
@@ -88,21 +105,27 @@ def _data_free_selection(layers, method: str, count: int, key_dim: int, settings
 
 
 def select_channels(model, settings: PruneSettings, count: int, windows: np.ndarray | None = None,
-                    device: str = "cpu", log=print) -> Selection:
-    """The method's choice of `count` = d_k' channels (or PCA directions) per layer and head;
-    `windows` [N, L]: calibration token ids, needed by drrqr, pca, wanda and taylor."""
+                    device: str = "cpu", log=print, targets: np.ndarray | None = None) -> Selection:
+    """The method's choice of `count` = d_k' channels (or PCA directions) per layer and head.
+
+    windows [N, L]: calibration token ids (integers), needed by drrqr, the pcas, wanda and taylor
+    (every position's activations are read). targets [N, L] (integers, IGNORE_INDEX = -100: not
+    scored), used by taylor only: its loss becomes the mean over scored positions of the
+    cross-entropy of the logits at t against targets[t] (a task's loss) instead of the LM loss on
+    the windows (targets None)."""
     layers = attention_layers(model)
     key_dim = layers[0][1].head_k_dim
     method = settings.method
     model.eval()
     if count == key_dim:
         return channel_selection([torch.arange(key_dim).expand(layer.num_heads, -1) for _, layer in layers], key_dim)
-    require(windows is not None or not settings.calibration_count, "packed",
-            f"method {method} needs calibration data (a packed corpus)")
+    require(windows is not None or not settings.calibration_count, "windows",
+            f"method {method} needs calibration data (a packed corpus or token windows)")
     if method in DATA_FREE_METHODS:
         return _data_free_selection(layers, method, count, key_dim, settings)
+    check_task_windows(windows, targets, model.config.vocab_size)
     if method == "taylor":
-        gradients = taylor_gradients(model, layers, windows, settings, device, log)
+        gradients = taylor_gradients(model, layers, windows, settings, device, log, targets)
         scores = [(weights_by_head(layer) * by_head(layer, *grads)).abs().sum((1, 3))
                   for (_, layer), grads in zip(layers, gradients)]
         return channel_selection([top_channels(s, count).cpu() for s in scores], key_dim)
@@ -112,5 +135,10 @@ def select_channels(model, settings: PruneSettings, count: int, windows: np.ndar
                   for (_, layer), entry in zip(layers, stats)]
         return channel_selection([top_channels(s, count).cpu() for s in scores], key_dim)
     if method == "drrqr":
-        return rrqr_selection([entry["rows"] for entry in stats], count, settings)
-    return pca_selection([entry["second_moment"] for entry in stats], count)
+        selection = rrqr_selection([entry["rows"] for entry in stats], count, settings)
+        selection.stats["drrqr_sampling"] = drrqr_sampling(layers, windows, settings)
+        return selection
+    keys = windows.size * key_steps(layers[0][1])
+    if method == "pca":
+        return pca_selection([entry["covariance"] for entry in stats], count, pca_statistics(method, keys))
+    return pca_selection([entry["second_moment"] for entry in stats], count, pca_statistics(method, keys))

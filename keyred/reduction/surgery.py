@@ -1,7 +1,7 @@
-"""Surgery: a new model of the same family with the selected key channels, and the error pca
-makes in the short convolution.
+"""Surgery: a new model of the same family with the selected key channels, and the error the
+pcas (pca, pca_prenorm) make in the short convolution.
 
-Surgery keeps (or, for pca, mixes) rows of q_proj and k_proj and the same channels of q_conv1d
+Surgery keeps (or, for the pcas, mixes) rows of q_proj and k_proj and the same channels of q_conv1d
 and k_conv1d, weights and biases; every other tensor is copied. The new config has head key dim
 d_k' and the same d_v (keyred.fla.families.with_key_dim: gated families set head_dim = d_k' and
 expand_v = d_v / d_k', DeltaNet its expand_k, each the float that fla's int() truncation maps

@@ -4,12 +4,14 @@ with LoRA, evaluate again.
 One process per (model, method): fla is imported and the parent loaded once for all ratios.
 For each ratio, keyred.reduction.prune reduces d_k of the parent (a plain fla checkpoint);
 keyred.training.lora recovers it with LoRA (adapters merged; distillation from the parent when
-finetune.distill is set); keyred.evaluation scores both on the test split. The output folder is
+finetune.distill is set); keyred.evaluation scores both on the test split, and the parent once
+(its results are not written: the evaluate job's are the baseline), so that every metric of a
+reduced model also gets its paired difference to the parent on the same samples. The output folder is
 written as a whole, in the layout of keyred.checkpoints: per ratio the pruned and LoRA
 checkpoints (reduced_checkpoint; each with the tokenizer, its evaluation rows in its model card,
 the LoRA one with its adapter before merging), and the tables (reduction_table_path) evaluation (model, method,
-ratio, stage = pruned | lora, task, metric, value, n), length_extrapolation (the same columns with
-position, loss) and finetune_loss.
+ratio, stage = pruned | lora, task, metric, value, stderr, n, delta, delta_stderr: keyred.evaluation.runner),
+length_extrapolation (model, method, ratio, stage, position, loss, sequences) and finetune_loss.
 
 Resuming (`resume_dir`): each ratio works in `<resume_dir>/ratio<r>/` (ratio_folder): its pruned
 checkpoint, then its LoRA checkpoint, and a resume state (keyred.training.resume) recording the
@@ -42,7 +44,7 @@ from keyred.data.corpus import read_documents
 from keyred.data.packing import read_packed_info, read_token_file
 from keyred.data.tokenizer import load_tokenizer
 from keyred.evaluation.extrapolation import length_extrapolation
-from keyred.evaluation.runner import check_vocabulary, evaluate_model, with_columns
+from keyred.evaluation.runner import check_vocabulary, evaluate_with_samples, with_columns, with_paired_difference
 from keyred.evaluation.settings import evaluate_settings
 from keyred.provenance import code_digest
 from keyred.reduction.methods import SECTION as PRUNE_SECTION
@@ -73,11 +75,14 @@ def read_sections(spec, method: str, ratios: list[float]):
 
 
 def evaluate_stage(model, tokenizer, documents, heldout_tokens, context: int, settings, device: str,
-                   columns: dict, log):
-    """(results, extrapolation) DataFrames of one model with `columns` (model, method, ratio, stage) in front."""
+                   columns: dict, log, parent_samples: dict):
+    """(results, extrapolation) DataFrames of one model with `columns` (model, method, ratio, stage) in
+    front; results with the paired difference to the parent, whose per-sample values are `parent_samples`
+    (keyred.evaluation.runner.evaluate_with_samples)."""
     curve = length_extrapolation(model, heldout_tokens, context, settings.extrapolation_factor,
                                  settings.extrapolation_sequences, device, settings.seed)
-    results = evaluate_model(model, tokenizer, documents, settings, log)
+    results, samples = evaluate_with_samples(model, tokenizer, documents, settings, log)
+    results = with_paired_difference(results, samples, parent_samples, settings)
     return with_columns(results, **columns), with_columns(curve, **columns)
 
 
@@ -129,6 +134,7 @@ class _Sweep:
         self.documents = read_documents(Path(corpus) / "test.jsonl")
         self.heldout_tokens = read_token_file(Path(packed) / "test.npy")
         self.tables = {name: [] for name in TABLES}
+        self._parent_samples: dict | None = None
 
     # ------------------------------------------------------------------------------- resuming
 
@@ -161,10 +167,18 @@ class _Sweep:
 
     # ------------------------------------------------------------------------------ the sweep
 
+    def parent_samples(self) -> dict:
+        """The parent's per-sample values of every metric (scored once, when first needed)."""
+        if self._parent_samples is None:
+            self.log(f"[reduce] {self.name}: scoring the unpruned parent for the paired differences")
+            self._parent_samples = evaluate_with_samples(self.parent, self.tokenizer, self.documents, self.evaluation,
+                                                         self.log)[1]
+        return self._parent_samples
+
     def evaluate(self, model, columns: dict, tables: dict) -> list[dict]:
         """Score one model, add its tables to `tables` and return its evaluation rows (task, metric, value, n)."""
         results, curve = evaluate_stage(model, self.tokenizer, self.documents, self.heldout_tokens, self.context,
-                                        self.evaluation, self.device, columns, self.log)
+                                        self.evaluation, self.device, columns, self.log, self.parent_samples())
         tables["results"].append(results)
         tables["curves"].append(curve)
         return results[["task", "metric", "value", "n"]].to_dict("records")

@@ -12,7 +12,10 @@
     python -m keyred.stages.bench mixer --out mixer.csv \
         --spec '{"families": ["delta_net"], "size": "1.3B", "batch": 8, "seq_len": 2048, "cuda_graph": true}'
 
-Three kinds (keyred.bench.runs), each writing one tidy CSV (keyred.bench.table.COLUMNS). Every
+Three kinds (keyred.bench.runs), each writing one tidy CSV (keyred.bench.table.COLUMNS). `model`
+times each distinct architecture among the models given once (models of one shape, e.g. every
+reduction method at one ratio, share its row values), all shapes in one process, interleaved:
+--repeats rounds of one call per shape. Every
 option is a flag or a key of the --spec JSON object (the flag's name with underscores; the
 workflow passes keyred.bench.spec's options of the config's bench section); an option given both
 ways is refused. --size takes a family's named architecture as the base shape; --hidden, --layers,
@@ -38,7 +41,8 @@ from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, progress, read_spec
 from keyred.device import torch_device
 
-_HELPS = {"model": "whole-model forward of checkpoints and shapes at one batch x length",
+_HELPS = {"model": "whole-model forward of checkpoints and shapes at one batch x length, each distinct shape "
+                   "timed once, round-robin with the others",
           "mixer": "one DeltaNet / GatedDeltaNet layer at several d_k, forward and forward+backward",
           "decode": "cached greedy decoding: tokens/s and state bytes per sequence at several batch sizes"}
 _OWN = ("kind", "out", "spec", "device", "threads")  # the command's own arguments, not benchmark options

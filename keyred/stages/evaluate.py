@@ -7,9 +7,11 @@
 
 The spec holds keys of the `evaluate` config section (keyred.evaluation.tasks describes the local
 tasks, keyred.evaluation.runner how lm-eval runs them). Writes --out (model, method, ratio, task,
-metric, value, n) and --extrapolation (model, method, ratio, position, loss, sequences), the
-per-position loss on windows of extrapolation_factor x context tokens of the packed held-out
-stream (keyred.evaluation.extrapolation). Bad input exits with 2.
+metric, value, n, ...) and --extrapolation (model, method, ratio, position, loss, sequences, source),
+the per-position loss on windows of extrapolation_factor x context tokens of the packed held-out
+stream (source `heldout`) and on the chunks of every hub source of evaluate.extrapolation_sources
+(read and tokenized before the model is loaded; keyred.evaluation.extrapolation). Both tables end
+with the model's variant columns (keyred.fla.families.VARIANT_COLUMNS). Bad input exits with 2.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ import argparse
 import sys
 import time
 
+import pandas as pd
+
 from keyred import io
 from keyred.checkpoints import CheckpointError
 from keyred.fla.models import load_checkpoint
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, bad_input, read_spec
 from keyred.device import torch_device
+from keyred.fla.families import VARIANT_COLUMNS, variant_of
 from keyred.data.corpus import read_documents
 from keyred.data.packing import check_heldout_length, read_token_file
 from keyred.data.tokenizer import load_tokenizer
-from keyred.evaluation.extrapolation import length_extrapolation
+from keyred.evaluation.extrapolation import (extrapolation_sources, length_extrapolation, open_source,
+                                             source_extrapolation, source_texts, source_windows)
 from keyred.evaluation.runner import check_vocabulary, evaluate_model, with_columns
 from keyred.evaluation.settings import evaluate_settings
 
@@ -49,6 +55,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_sources(settings, tokenizer) -> list:
+    """(source, windows [chunks, chunk_length + 1]) of every hub extrapolation source (network needed)."""
+    read = []
+    for source in extrapolation_sources(settings.extrapolation_sources):
+        start = time.perf_counter()
+        rows, commit = open_source(source)
+        read.append((source, source_windows(source_texts(rows, source), tokenizer, source)))
+        print(f"[evaluate] extrapolation source {source.name}: {source.chunks} x {source.chunk_length} tokens of "
+              f"{source.dataset} (commit {commit}) in {time.perf_counter() - start:.1f}s")
+    return read
+
+
+def extrapolation_curves(model, heldout_tokens, sources: list, args, settings, device):
+    """The held-out curve, then one curve per hub source (keyred.evaluation.extrapolation), as one table."""
+    start = time.perf_counter()
+    curves = [length_extrapolation(model, heldout_tokens, args.context, settings.extrapolation_factor,
+                                   settings.extrapolation_sequences, device, settings.seed)]
+    curves += [source_extrapolation(model, windows, source, device) for source, windows in sources]
+    for curve in curves:
+        print(f"[evaluate] {args.name}: length extrapolation to {len(curve)} tokens ({curve.source.iloc[0]}): "
+              f"mean loss {curve.loss.mean():.4f}")
+    print(f"[evaluate] {args.name}: length extrapolation took {time.perf_counter() - start:.1f}s")
+    return pd.concat(curves, ignore_index=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,26 +90,24 @@ def main(argv: list[str] | None = None) -> int:
                              settings.extrapolation_sequences, f"the test split {args.heldout_tokens}")
         tokenizer = load_tokenizer(args.tokenizer)
         documents = read_documents(args.heldout)
+        sources = read_sources(settings, tokenizer)
     except ConfigError as error:
         return bad_input(error)
     try:
         device = torch_device(args.device, args.threads)
-        model, _ = load_checkpoint(args.checkpoint, device=device)
+        model, info = load_checkpoint(args.checkpoint, device=device)
         check_vocabulary(model, tokenizer)
-        start = time.perf_counter()
-        curve = length_extrapolation(model, heldout_tokens, args.context,
-                                     settings.extrapolation_factor, settings.extrapolation_sequences, device,
-                                     settings.seed)
-        print(f"[evaluate] {args.name}: length extrapolation to {len(curve)} tokens took "
-              f"{time.perf_counter() - start:.1f}s; mean loss {curve.loss.mean():.4f}")
+        curve = extrapolation_curves(model, heldout_tokens, sources, args, settings, device)
         start = time.perf_counter()
         table = evaluate_model(model, tokenizer, documents, settings)
         print(f"[evaluate] {args.name}: lm-eval tasks took {time.perf_counter() - start:.1f}s")
     except (ConfigError, CheckpointError) as error:
         return bad_input(error)
     columns = dict(model=args.name, method=args.method, ratio=args.ratio)
-    io.write_csv(args.out, with_columns(table, **columns))
-    io.write_csv(args.extrapolation, with_columns(curve, **columns))
+    variant = info.variant or variant_of(model.config)      # older checkpoints: from the config, preset unknown
+    variant = {column: variant.get(column) for column in VARIANT_COLUMNS}   # keyred.json sorts its keys
+    io.write_csv(args.out, with_columns(table, **columns).assign(**variant))
+    io.write_csv(args.extrapolation, with_columns(curve, **columns).assign(**variant))
     print(f"[evaluate] wrote {args.out} and {args.extrapolation}")
     return 0
 

@@ -7,7 +7,9 @@
 
 `--spec` holds the `models.<name>` and `train` sections of the workflow config (the Snakefile
 passes exactly those, so a change elsewhere in the config does not retrain); the recipe is
-keyred.training.lm's. A run started again with the same spec continues from the state in
+keyred.training.lm's. The model is its family's named size with the entry's preset and fla
+overrides on top (keyred.fla.variants, checked first); the loss table ends with the variant's
+columns (keyred.fla.families.VARIANT_COLUMNS) and keyred.json records them (`variant`). A run started again with the same spec continues from the state in
 --resume-dir, which is deleted once the checkpoint and the table are written.
 
 Data parallel: with several GPUs visible the stage starts itself again under torchrun, one
@@ -47,6 +49,8 @@ from keyred.console import add_torch_options, bad_input, progress, read_spec
 from keyred.data.packing import check_heldout_length, check_packed
 from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
+from keyred.fla.families import variant_of
+from keyred.fla.variants import check_entry
 from keyred.provenance import hub_commit
 from keyred.training.distributed import start_distributed, torchrun_command
 from keyred.training.lm import ModelChoice, TrainSettings, score_pretrained, train_language_model
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--spec must be a JSON object with the keys model and train")
     try:
         model_choice = section_settings(ModelChoice, "models.*", spec["model"])
+        check_entry(dataclasses.asdict(model_choice), f"models.{args.name}")   # preset and fla fields fit the family
         settings = section_settings(TrainSettings, "train", spec["train"])
         tokenizer = check_inputs(args, settings)
     except ConfigError as error:
@@ -139,12 +144,14 @@ def main(argv: list[str] | None = None) -> int:
                     parent=model_choice.pretrained,
                     extra={"name": args.name, "packed": str(args.packed), "train": dataclasses.asdict(settings),
                            "val_loss": rows[-1]["val_loss"], "unigram_val_loss": rows[-1]["unigram_val_loss"],
+                           "preset": model_choice.preset, "fla": model_choice.fla,
                            **(hub if model_choice.pretrained else {})})
     save_checkpoint(model.to("cpu"), args.out, info, tokenizer=tokenizer)
     table = pd.DataFrame(rows)
     table.insert(0, "model", args.name)
     table.insert(1, "family", model_choice.family)
     table.insert(2, "size", model_choice.size)
+    table = table.assign(**variant_of(model.config, model_choice.preset))     # the variant's columns, last
     io.write_csv(args.losses, table)
     remove_resume_state(args.resume_dir)
     log(f"[train] wrote {args.out} and {args.losses}")

@@ -202,7 +202,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
     stopped_early, step = False, first_step
     with StopSignals(active=resume_dir is not None) as stop:
         for step in range(first_step + 1, settings.steps + 1):
-            loss, lr, tokens = _training_step(model, optimizer, batches, group, settings, step, device, name)
+            loss, lr, tokens = training_step(model, optimizer, batches, group, settings, step, device, name)
             progress.add_loss(loss)
             meter.count(tokens)
             if meter.line_due(PROGRESS_SECONDS):
@@ -228,7 +228,7 @@ def train_state_tracking(model_settings: StateTrackingModel, settings: StateTrac
                           final_train_loss=float(np.mean(progress.recent_losses)), train_seconds=meter.elapsed())
 
 
-def _training_step(model, optimizer, batches: TrainingBatches, group: Group, settings: StateTrackingTraining,
+def training_step(model, optimizer, batches: TrainingBatches, group: Group, settings: StateTrackingTraining,
                    step: int, device: str, name: str) -> tuple[float, float, int]:
     """One optimizer step (step 1..steps) on the next batch; returns (its loss, its learning rate,
     the tokens it read)."""

@@ -69,6 +69,8 @@ class ModelChoice:
     size: str
     pretrained: str | None
     revision: str | None               # of `pretrained` (a branch, tag or commit sha; None: main)
+    preset: str | None                 # a keyred.fla.variants preset applied on top of the size
+    fla: dict                          # fla config fields on top of the size and the preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,14 +106,14 @@ def unigram_loss(train_tokens: np.ndarray, windows: np.ndarray, vocab_size: int)
 def train_language_model(name: str, model_choice: ModelChoice, packed: str | Path, settings: TrainSettings,
                          device: str, resume_dir: str | Path | None = None, where: Distributed = Distributed(),
                          log=print):
-    """Train a fresh model on the packed corpus; return (model, loss rows).
+    """Train a fresh model (its size, preset and fla overrides) on the packed corpus; return (model, loss rows).
 
     Rows (every log_every steps, the first and the last): step, loss, lr, tokens_per_s, elapsed_s,
     val_loss (every eval_every steps and the last; NaN elsewhere), unigram_val_loss, tokens.
     """
     data = CorpusWindows.read(packed, settings.seq_len, settings.eval_sequences)
-    model = build_model(model_choice.family, model_choice.size, vocab_size=data.vocab_size,
-                        seed=settings.seed).to(device)
+    model = build_model(model_choice.family, model_choice.size, vocab_size=data.vocab_size, seed=settings.seed,
+                        preset=model_choice.preset, overrides=model_choice.fla, key=f"models.{name}").to(device)
     model.train()
     optimizer = build_optimizer(model, settings.lr, settings.weight_decay, BETAS, device)
     fingerprint = {"name": name, "model": dataclasses.asdict(model_choice), "train": dataclasses.asdict(settings),
@@ -126,7 +128,9 @@ def train_language_model(name: str, model_choice: ModelChoice, packed: str | Pat
     order = BatchOrder(len(data.train), settings.batch_size * settings.grad_accumulation * where.world_size,
                        settings.seed)
     if where.is_main:
-        log(f"[train] {name}: {model_choice.family}/{model_choice.size}, "
+        log(f"[train] {name}: {model_choice.family}/{model_choice.size}"
+            f"{f' preset {model_choice.preset}' if model_choice.preset else ''}"
+            f"{f' fla {model_choice.fla}' if model_choice.fla else ''}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {settings.steps} steps of "
             f"{order.global_batch} x {settings.seq_len} tokens ({settings.batch_size} per micro-batch, "
             f"{settings.grad_accumulation} micro-batches, {where.world_size} process(es)) on {device}; "

@@ -1,6 +1,8 @@
 # State-rank analysis (keyred.stages.analyse): one job per reduced model for its unpruned checkpoint and
 # one per (model, method) for that method's checkpoint at every ratio (analysis.stage), one job for
-# every state-tracking run; then the tables and figures.
+# every state-tracking run; then the tables and figures (utilisation vs perplexity standardised
+# within model, with Spearman's rho per model in table_state_rank_correlation; the effective rank by
+# token position of every unpruned model).
 #
 # Group "state_rank": these jobs are short (seconds on the tiny models, minutes on a GPU): one per
 # model x method, and the one of the state-tracking runs. Locally a group means nothing. On a cluster Snakemake submits a
@@ -54,6 +56,8 @@ rule state_rank_tables:
         over_time=reported("fig_state_rank_over_time"),
         heatmap=reported("fig_state_rank_heatmap"),
         scatter=reported("fig_state_rank_vs_perplexity"),
+        correlation=reported("table_state_rank_correlation"),
+        effective_rank=reported("fig_effective_rank_by_model"),
     log:
         log_path("state_rank_tables.log"),
     benchmark:

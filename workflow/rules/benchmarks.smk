@@ -1,7 +1,13 @@
 # Speed and memory (keyred.stages.bench): single-mixer scaling and recurrent decoding on random-weight
-# shapes at several key dims, the whole-model forward of every reduced model and its pruned
-# checkpoints; then the tables and figures. Each job's --spec holds exactly the bench settings it
-# reads (keyred.bench.spec).
+# shapes at several key dims, the whole-model forward of every reduced model at each reduced shape;
+# then the tables and figures. Each job's --spec holds exactly the bench settings it reads
+# (keyred.bench.spec).
+#
+# Speed belongs to a shape, not to a method: every method gives every layer and head the same
+# d_k' = floor(d_k (1 - ratio)), and a forward's time does not depend on the weights' values. So
+# bench_models times the unpruned checkpoint and the pruned checkpoint of each ratio of one method
+# (the first of reduction.methods), each shape once, round-robin in one process; the figure gives
+# every method at ratio r the speed of shape r. It waits for one reduce job, not all of them.
 
 from keyred.bench.spec import bench_spec
 
@@ -55,7 +61,7 @@ rule bench_decode:
 rule bench_models:
     input:
         checkpoint=model_path("{model}", "checkpoint"),
-        reduced=expand(reduction_path("{{model}}", "{method}"), method=REDUCTION["methods"]),
+        reduced=expand(reduction_path("{{model}}", "{method}"), method=REDUCTION["methods"][:1]),
     output:
         bench_path("models", "{model}.csv"),
     log:

@@ -11,8 +11,11 @@ import keyred.specs as specs
 from keyred.checkpoints import reduced_checkpoint
 from keyred.config import ConfigError, validate_config
 from keyred.data.groups import group_order
+from keyred.fla.variants import check_model_variants
 from keyred.provenance import code_digest, package_versions_digest
 from keyred.reduction.methods import METHODS, check_reduction_limits
+from keyred.recall.spec import check_recall, model_key_dims as recall_key_dims, reduce_spec as recall_reduce_spec
+from keyred.recall.spec import task_settings as recall_task_settings, train_spec as recall_train_job_spec
 from keyred.resources import KEYS as RESOURCE_KEYS, job_resources
 
 try:
@@ -20,7 +23,9 @@ try:
     for _group in config["state_tracking"]["groups"]:
         group_order(_group)  # too large: the message shows the name grammar
     specs.check_config(config)  # what the schema cannot state (between sections)
+    check_model_variants(config)  # every preset and fla override is a field of its family's fla config
     check_reduction_limits(config)  # d_k' of every ratio on every reduced model's d_k
+    check_recall(config)  # pairs within the key vocabulary, ratios that leave a key channel
 except ConfigError as error:
     raise WorkflowError(str(error)) from None
 except ValueError as error:
@@ -43,6 +48,7 @@ MODELS = sorted(config["models"])
 # Key reduction: which models, methods and ratios.
 REDUCTION = config["reduction"]
 REDUCED_MODELS = REDUCTION["models"] or MODELS
+PAPER_FAMILIES = sorted({config["models"][model]["family"] for model in REDUCED_MODELS})  # a paper table each
 
 
 # State-rank analysis (its ratio is one of reduction.ratios: keyred.specs.check_config).
@@ -53,6 +59,17 @@ BENCH = config["bench"]  # each benchmark job's --spec: keyred.bench.spec.bench_
 # State-tracking sweep (eigenvalue ranges by path-friendly name: keyred.specs.EIGENVALUE_RANGES).
 TRACKING = config["state_tracking"]
 TRACKING_GROUPS = TRACKING["groups"]
+TRACKING_PRUNING = bool(TRACKING["reduction"]["methods"])  # key pruning of every tracker (empty methods: off)
+
+
+# Recall (MQAR): every model x key dim x seed is trained; the full-d_k ones are reduced.
+RECALL = config["recall"]
+RECALL_RUNS = [
+    (name, key_dim, seed)
+    for name, entry in RECALL["models"].items()
+    for key_dim in recall_key_dims(entry, RECALL["model"]["key_dim"])
+    for seed in RECALL["seeds"]
+]
 
 
 wildcard_constraints:
@@ -63,6 +80,8 @@ wildcard_constraints:
     n_h=r"\d+",
     layers=r"\d+",
     seed=r"\d+",
+    recall_model="|".join(RECALL["models"]) or "no_recall_model",
+    key_dim=r"\d+",
 
 
 def path(*parts):
@@ -173,6 +192,37 @@ def tracking_data_options(wildcards, input):
     return " ".join(f"--{name}-data {input[name]}" for name in specs.tracking_data_sets(config))
 
 
+def recall_data_files(wildcards=None):
+    """The recall task's fixed sets by name (keyred.recall.spec.RecallTask.fixed_sets)."""
+    task = recall_task_settings(RECALL["task"])
+    return {name: LAYOUT.recall_data(f"{name}.npz") for name in task.fixed_sets()}
+
+
+def recall_run(*parts):
+    """A file of one recall training job (wildcards recall_model, key_dim, seed)."""
+    return LAYOUT.recall_run("{recall_model}", "{key_dim}", "{seed}", *parts)
+
+
+def recall_train_spec(wildcards):
+    return specs.spec_json(
+        recall_train_job_spec(config, wildcards.recall_model, int(wildcards.key_dim), int(wildcards.seed))
+    )
+
+
+def recall_outputs(name):
+    """One output file of every recall training job."""
+    return [LAYOUT.recall_run(model, key_dim, seed, name) for model, key_dim, seed in RECALL_RUNS]
+
+
+def recall_reduction_outputs():
+    """The reduction table of every recall model at the full key dim."""
+    return [
+        LAYOUT.recall_run(model, key_dim, seed, "reduction.csv")
+        for model, key_dim, seed in RECALL_RUNS
+        if key_dim == RECALL["model"]["key_dim"]
+    ]
+
+
 def bench_path(*parts):
     return LAYOUT.bench(*parts)
 
@@ -193,9 +243,11 @@ def analysed_checkpoints(wildcards, input):
 
 
 def state_rank_runs():
-    """The rank table of each reduced model unpruned and of each of its reduction methods."""
-    methods = ["unpruned"] + list(REDUCTION["methods"])
-    return expand(analysis_path("{model}", "{method}.csv"), model=REDUCED_MODELS, method=methods)
+    """The rank table of every language model unpruned (the effective rank by model) and of each
+    reduction method of the reduced models."""
+    return expand(analysis_path("{model}", "unpruned.csv"), model=MODELS) + expand(
+        analysis_path("{model}", "{method}.csv"), model=REDUCED_MODELS, method=REDUCTION["methods"]
+    )
 
 
 # Every figure and table: name (its Snakemake target and its report caption
@@ -206,6 +258,10 @@ def reported_outputs():
         "fig_training_loss": ("Language models", [path("figures", "training_loss.png")]),
         "table_evaluation": ("Language models", [path("tables", "evaluation.csv")]),
         "table_length_extrapolation": ("Language models", [path("tables", "length_extrapolation.csv")]),
+        "table_length_extrapolation_blocks": (
+            "Language models",
+            [path("tables", "length_extrapolation_blocks.csv")],
+        ),
         "fig_length_extrapolation": ("Language models", [path("figures", "length_extrapolation.png")]),
         "table_state_tracking_summary": ("State tracking", [path("tables", "state_tracking_summary.csv")]),
         "table_state_tracking_curves": ("State tracking", [path("tables", "state_tracking_curves.csv")]),
@@ -228,6 +284,29 @@ def reported_outputs():
             "fig_state_rank_over_time": ("State rank", [path("figures", "state_rank_over_time.png")]),
             "fig_state_rank_heatmap": ("State rank", [path("figures", "state_rank_heatmap.png")]),
             "fig_state_rank_vs_perplexity": ("State rank", [path("figures", "state_rank_vs_perplexity.png")]),
+            "table_state_rank_correlation": ("State rank", [path("tables", "state_rank_correlation.csv")]),
+            "fig_effective_rank_by_model": ("State rank", [path("figures", "effective_rank_by_model.png")]),
+        }
+        outputs |= {
+            f"table_paper_{family}": (
+                "Key reduction",
+                [path("tables", f"paper_{family}.csv"), path("tables", f"paper_{family}.md")],
+            )
+            for family in PAPER_FAMILIES
+        }
+    if RECALL["models"]:
+        outputs |= {
+            "table_recall_training": ("Recall", [path("tables", "recall_training.csv")]),
+            "table_recall_capacity": ("Recall", [path("tables", "recall_capacity.csv")]),
+            "table_recall_reduction": ("Recall", [path("tables", "recall_reduction.csv")]),
+            "table_recall_summary": ("Recall", [path("tables", "recall_summary.csv")]),
+            "fig_recall_reduction": ("Recall", [path("figures", "recall_reduction.png")]),
+            "fig_recall_capacity": ("Recall", [path("figures", "recall_capacity.png")]),
+        }
+    if TRACKING_PRUNING:
+        outputs |= {
+            "table_state_tracking_pruning": ("State tracking", [path("tables", "state_tracking_pruning.csv")]),
+            "fig_state_tracking_pruning": ("State tracking", [path("figures", "state_tracking_pruning.png")]),
         }
     if ANALYSIS["state_tracking"]:
         outputs |= {
@@ -238,6 +317,7 @@ def reported_outputs():
 
 
 REPORTED = reported_outputs()
+PAPER_TABLES = [name for name in REPORTED if name.startswith("table_paper_")]
 
 
 def reported(name, index=0):

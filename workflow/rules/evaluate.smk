@@ -41,6 +41,7 @@ rule evaluation_tables:
     output:
         results=reported("table_evaluation"),
         extrapolation=reported("table_length_extrapolation"),
+        blocks=reported("table_length_extrapolation_blocks"),
         figure=reported("fig_length_extrapolation"),
     log:
         log_path("evaluation_tables.log"),

@@ -60,3 +60,26 @@ rule reduction_tables:
         code=code_digest("keyred.figures.reduction"),
     script:
         "../scripts/reduction_tables.py"
+
+
+# The KeyReduction paper's table of each model family among the reduced models (keyred.figures.paper).
+rule paper_tables:
+    input:
+        table=output_of("table_reduction"),
+    output:
+        tables=[reported(name, index) for name in PAPER_TABLES for index in range(len(REPORTED[name][1]))],
+    log:
+        log_path("paper_tables.log"),
+    benchmark:
+        benchmark_path("paper_tables.tsv")
+    localrule: True
+    conda:
+        "../envs/keyred.yaml"
+    resources:
+        **stage_resources("tables"),
+    params:
+        families={model: config["models"][model]["family"] for model in REDUCED_MODELS},
+        outputs={name.removeprefix("table_paper_"): REPORTED[name][1] for name in PAPER_TABLES},
+        code=code_digest("keyred.figures.paper"),
+    script:
+        "../scripts/paper_tables.py"

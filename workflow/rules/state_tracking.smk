@@ -101,3 +101,9 @@ rule state_tracking_figures:
         code=code_digest("keyred.figures.tracking"),
     script:
         "../scripts/state_tracking_figures.py"
+
+
+# Key pruning of every trained state tracker: only when state_tracking.reduction names a method.
+if TRACKING_PRUNING:
+
+    include: "state_tracking_pruning.smk"

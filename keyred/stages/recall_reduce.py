@@ -1,0 +1,56 @@
+"""Key reduction of one trained recall model: every method at every ratio, before and after LoRA.
+
+    keyred recall_reduce --spec '{"task": {...}, "reduction": {...}}' \
+        --checkpoint results/recall/deltanet/dk16/seed0/checkpoint --data-dir results/data/recall \
+        --out results/recall/deltanet/dk16/seed0/reduction.csv
+
+The spec holds the config's `recall.task` and `recall.reduction` sections
+(keyred.recall.spec.reduce_spec); the checkpoint's keyred.json says which model and seed it is.
+Writes one tidy table (keyred.recall.reduction). Exit code 2 for a refused input (a bad setting,
+a checkpoint trained on another task), 1 when a recovery's loss became NaN or infinite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from keyred.config import ConfigError, require
+from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.device import torch_device
+from keyred.recall.run import reduce_run
+from keyred.recall.spec import reduction_settings, task_settings
+from keyred.training.optimizer import NonFiniteLossError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keyred recall_reduce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", required=True, help='JSON: {"task": ..., "reduction": ...}')
+    parser.add_argument("--checkpoint", required=True, help="a trained recall model (keyred recall_train)")
+    parser.add_argument("--data-dir", required=True, help="folder of the task's sets (keyred recall_data)")
+    parser.add_argument("--out", required=True, help="the reduction table to write (CSV)")
+    add_torch_options(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        spec = read_spec(parser, args.spec)
+        require(isinstance(spec, dict) and set(spec) == {"task", "reduction"}, "spec",
+                f"must be an object with keys task, reduction; got {spec!r}")
+        task, reduction = task_settings(spec["task"]), reduction_settings(spec["reduction"])
+        device = torch_device(args.device, args.threads)
+        reduce_run(task, reduction, args.checkpoint, args.data_dir, args.out, device, progress)
+    except ConfigError as error:
+        return bad_input(error)
+    except NonFiniteLossError as error:
+        print(f"[recall] {error}", file=sys.stderr)
+        return 1
+    print(f"[recall] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
