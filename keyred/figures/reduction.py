@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from keyred.checkpoints import LORA, PRUNED, UNPRUNED, reduction_table_path
+from keyred.fla.families import VARIANT_COLUMNS
 from keyred.figures.common import combine_tables, pyplot, save_figure
 
 # metrics of the key-reduction figure: (task, metric, axis label)
@@ -25,10 +26,13 @@ DODGE = 0.04                       # the methods' points of one ratio spread ove
 
 def reduction_table(baseline_paths, reduced_folders) -> pd.DataFrame:
     """One tidy table (TABLE_COLUMNS): the unpruned models' evaluation (stage 'unpruned', ratio 0)
-    and every reduce job's evaluation table (stages 'pruned' and 'lora')."""
+    and every reduce job's evaluation table (stages 'pruned' and 'lora'), each row with its model's
+    variant columns (keyred.fla.families.VARIANT_COLUMNS but d_k, which the reduction changes)."""
     baselines = combine_tables(baseline_paths).assign(stage=UNPRUNED, delta=math.nan, delta_stderr=math.nan)
     reduced = combine_tables(reduction_table_path(folder, "evaluation") for folder in reduced_folders)
-    return pd.concat([baselines[TABLE_COLUMNS], reduced[TABLE_COLUMNS]], ignore_index=True)
+    table = pd.concat([baselines[TABLE_COLUMNS], reduced[TABLE_COLUMNS]], ignore_index=True)
+    variant = [column for column in VARIANT_COLUMNS if column in baselines and column != "d_k"]
+    return table.merge(baselines[["model", *variant]].drop_duplicates("model"), on="model", how="left")
 
 
 def resolution(table: pd.DataFrame) -> pd.DataFrame:
