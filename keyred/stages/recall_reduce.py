@@ -21,6 +21,7 @@ from keyred.device import torch_device
 from keyred.recall.run import reduce_run
 from keyred.recall.spec import reduction_settings, task_settings
 from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import unfinished_training_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         return bad_input(error)
     except NonFiniteLossError as error:
-        print(f"[recall] {error}", file=sys.stderr)
-        return 1
+        return unfinished_training_exit(error, "[recall]")
     print(f"[recall] wrote {args.out}")
     return 0
 

@@ -20,6 +20,7 @@ from keyred.device import torch_device
 from keyred.recall.run import TRAIN_OUTPUTS, train_run
 from keyred.recall.spec import settings_from_train_spec
 from keyred.training.optimizer import NonFiniteLossError
+from keyred.training.resume import unfinished_training_exit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         return bad_input(error)
     except NonFiniteLossError as error:
-        print(f"[recall] {error}", file=sys.stderr)
-        return 1
+        return unfinished_training_exit(error, "[recall]")
     print(f"[recall] wrote {args.out}")
     return 0
 
