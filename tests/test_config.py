@@ -28,7 +28,8 @@ def default_config():
 def test_embedded_default_is_valid():
     config = load_config(REPO / "config.yaml")
     assert config["device"] == "cpu"
-    assert set(config["models"]) == {"deltanet_tiny", "gated_deltanet_tiny"}
+    assert set(config["models"]) == {"deltanet_tiny", "gated_deltanet_tiny", "dp1_tiny", "dp2_tiny", "dp3_tiny"}
+    assert set(config["recall"]["models"]) == {"deltanet", "gated_deltanet", "deltaproduct2"}
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "configs").glob("*.yaml")))

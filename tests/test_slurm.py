@@ -74,7 +74,9 @@ def small_config(**train) -> dict:
     config["models"] = {MODEL: {"family": "delta_net", "size": "tiny"}}
     config["train"].update(steps=60, log_every=10, eval_every=30, checkpoint_every=10, eval_sequences=16, **train)
     config["evaluate"].update(max_documents=4, last_word_samples=20, recall_samples=20, extrapolation_sequences=2)
-    config["reduction"].update(methods=["l1"], ratios=[0.5])
+    config["reduction"].update(models=[MODEL], methods=["l1"], ratios=[0.5])
+    config["recall"]["models"] = {}                       # the recall experiment is tested elsewhere
+    config["state_tracking"]["reduction"]["methods"] = []
     config["reduction"]["finetune"].update(steps=10, eval_sequences=8)
     return config
 

@@ -78,7 +78,7 @@ def plot_recall_reduction(reduction: pd.DataFrame, pairs: int, figure_path: str 
         axes[0][column].set_ylabel(f"recall accuracy at N={pairs}")
         axes[1][column].set_ylabel(f"recall accuracy at N={pairs}")
     axes[0][-1].legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"MQAR recall vs key reduction (mean over seeds, bars: std over seeds, dots: each seed)",
+    fig.suptitle("MQAR recall vs key reduction (mean over seeds, bars: std over seeds, dots: each seed)",
                  fontsize=10)
     fig.tight_layout()
     save_figure(fig, figure_path)
@@ -128,6 +128,6 @@ def plot_recall_capacity(capacity: pd.DataFrame, figure_path: str | Path) -> Non
             if label not in labels:
                 handles.append(handle)
                 labels.append(label)
-    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(5, len(labels)))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(3, len(labels)))
+    fig.tight_layout(rect=(0, 0.04 + 0.035 * -(-len(labels) // 3) / len(models), 1, 1))
     save_figure(fig, figure_path)

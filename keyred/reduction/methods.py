@@ -53,7 +53,7 @@ from types import SimpleNamespace
 import jsonschema
 
 from keyred.config import ConfigError, require, schema_at, section_settings
-from keyred.fla.families import FAMILIES, architecture, key_head_dim
+from keyred.fla.families import FAMILIES, key_head_dim
 from keyred.fla.variants import entry_architecture
 
 METHODS = ("drrqr", "rrqr", "l1", "wanda", "taylor", "random", "pca", "pca_prenorm")
