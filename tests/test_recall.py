@@ -44,15 +44,22 @@ def test_sets_are_seeded_and_files_refuse_another_set(tmp_path):
 
 
 def test_more_pairs_than_keys_is_refused_naming_the_key():
+    def recall(**sections):
+        return validate_config({"recall": {"models": {"dn": {"family": "delta_net"}}, **sections}})
+
     with pytest.raises(ConfigError, match=r"^config key 'recall.task.pairs': 40 key-value pairs need 40 distinct"):
-        check_recall(validate_config({"recall": {"task": {"pairs": 40}}}))
+        check_recall(recall(task={"pairs": 40}))
     with pytest.raises(ConfigError, match=r"'recall.task.capacity_pairs'"):
-        check_recall(validate_config({"recall": {"task": {"capacity_pairs": [64]}}}))
+        check_recall(recall(task={"capacity_pairs": [64]}))
     with pytest.raises(ConfigError, match=r"recall.reduction.ratios"):
-        check_recall(validate_config({"recall": {"model": {"key_dim": 2}, "reduction": {"ratios": [0.75]}}}))
+        check_recall(recall(model={"key_dim": 2}, reduction={"ratios": [0.75]}))
     with pytest.raises(ConfigError, match=r"recall.reduction.finetune"):
-        check_recall(validate_config({"recall": {"reduction": {"finetune": {"rnk": 4}}}}))
-    check_recall(validate_config({}))
+        check_recall(recall(reduction={"finetune": {"rnk": 4}}))
+    with pytest.raises(ConfigError, match=r"recall.models.dp.fla.use_gate': fla 0.6 renamed use_gate"):
+        check_recall(validate_config({"recall": {"models": {"dp": {"family": "gated_deltaproduct",
+                                                                    "fla": {"use_gate": False}}}}}))
+    check_recall(recall())
+    check_recall(validate_config({"recall": {"task": {"pairs": 40}}}))     # no recall model: nothing to check
     with pytest.raises(ValueError):
         make_recall(9, 8, 1, np.random.default_rng(0))
 

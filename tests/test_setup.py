@@ -180,7 +180,7 @@ def test_provenance_stays_light():
     assert result.stdout.strip() == "[]"
 
 
-MODEL_STAGES = ("train", "evaluate", "reduce", "track", "analyse", "bench")
+MODEL_STAGES = ("train", "evaluate", "reduce", "track", "track_reduce", "analyse", "bench", "recall_train", "recall_reduce")
 
 
 def test_every_rule_that_runs_a_model_has_the_versions_param():

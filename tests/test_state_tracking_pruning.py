@@ -207,5 +207,7 @@ def test_the_rules_plan_one_job_per_run_folder(tmp_path):
         assert words[3:-3] == config_arguments("track_reduce", config, choice)
         outputs.add(job["output"])
     assert len(outputs) == runs and all(output.endswith("/pruning.csv") for output in outputs)
-    default = planned_jobs(snakemake(workdir, "-n", "--cores", "2", "state_tracking").stdout)
-    assert "state_tracking_pruning" not in default and "state_tracking_run" in default
+    (workdir / "off.yaml").write_text(yaml.safe_dump({"state_tracking": {"reduction": {"methods": []}}}))
+    off = planned_jobs(snakemake(workdir, "-n", "--cores", "2", "state_tracking", "--configfile", "config.yaml",
+                                 "off.yaml").stdout)
+    assert "state_tracking_pruning" not in off and "state_tracking_run" in off

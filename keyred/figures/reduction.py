@@ -54,8 +54,10 @@ def _draw_panel(ax, rows: pd.DataFrame, methods: list[str], colours, resolved: f
             line = rows[(rows["method"] == method) & (rows["stage"] == stage)].sort_values("ratio")
             x = line["ratio"] + (index - (len(methods) - 1) / 2) * step + shift
             ax.errorbar(x, line["value"], yerr=line["stderr"].fillna(0), fmt=style, marker="o",
-                        markersize=3, capsize=2, linewidth=1, color=colours(index % 10),
+                        markersize=4, capsize=2, linewidth=1, color=colours(index % 10),
+                        markerfacecolor=colours(index % 10) if stage == LORA else "white",
                         label=f"{method}" if stage == LORA else None)
+    ax.set_xticks(sorted(rows.loc[rows["stage"] != UNPRUNED, "ratio"].unique()))
     for value, stderr in rows.loc[rows["stage"] == UNPRUNED, ["value", "stderr"]].itertuples(index=False):
         ax.axhline(value, color="grey", linewidth=1)
         if math.isfinite(stderr):
@@ -67,7 +69,8 @@ def _draw_panel(ax, rows: pd.DataFrame, methods: list[str], colours, resolved: f
 
 def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
     """Quality vs key-dimension reduction ratio: one row of panels per model, one panel per metric
-    of REDUCTION_METRICS; one colour per method, dashed after pruning, solid after LoRA, bars of
+    of REDUCTION_METRICS; one colour per method, hollow markers and dashed lines after pruning, filled
+    and solid after LoRA (side by side at each ratio), bars of
     +- one standard error; the unpruned model as a grey line in its +- one standard error band;
     each panel names the difference to the parent its paired standard errors resolve (resolution)."""
     plt = pyplot()
@@ -87,6 +90,7 @@ def plot_reduction(table: pd.DataFrame, figure_path: str | Path) -> None:
             ax.set_title(f"{model}", fontsize=9)
             ax.set_xlabel("key-dimension reduction ratio")
             ax.set_ylabel(label, fontsize=8)
-    axes[0][-1].legend(fontsize=7, title="solid: + LoRA, dashed: pruned", title_fontsize=7)
+    axes[0][-1].legend(fontsize=7, title="filled / solid: + LoRA\nhollow / dashed: pruned", title_fontsize=7,
+                       loc="upper right")
     fig.tight_layout()
     save_figure(fig, figure_path)

@@ -21,7 +21,7 @@ rule recall_data:
     params:
         python=interpreter(),
         spec=specs.spec_json(RECALL["task"]),
-        out=LAYOUT.recall_data(),
+        out=lambda wildcards, output: os.path.dirname(output[0]),
         code=code_digest("keyred.stages.recall_data"),
     shell:
         "{params.python} -m keyred.stages.recall_data --spec {params.spec:q} --out-dir {params.out} > {log} 2>&1"
@@ -46,7 +46,7 @@ rule recall_train:
     params:
         python=interpreter(),
         spec=recall_train_spec,
-        data=LAYOUT.recall_data(),
+        data=lambda wildcards, input: os.path.dirname(input[0]),
         device=config["device"],
         out=lambda wildcards, output: os.path.dirname(output.history),
         code=code_digest("keyred.stages.recall_train"),
@@ -74,7 +74,7 @@ rule recall_reduce:
     params:
         python=interpreter(),
         spec=specs.spec_json(recall_reduce_spec(config)),
-        data=LAYOUT.recall_data(),
+        data=lambda wildcards, input: os.path.dirname(input.train),
         device=config["device"],
         code=code_digest("keyred.stages.recall_reduce"),
         versions=package_versions_digest("peft"),
