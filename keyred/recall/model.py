@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from keyred.data.recall import IGNORE, vocabulary_size
 from keyred.device import mixed_precision
-from keyred.fla.families import architecture, head_dim_fields
+from keyred.bench.shapes import ModelShape, config_fields
 from keyred.fla.models import CONFIG_CLASSES
 from keyred.recall.spec import RecallModel
 
@@ -23,16 +23,14 @@ EVAL_BATCH_SIZE = 512                # sequences per forward pass when scoring
 
 
 def recall_config(settings: RecallModel, key_vocab: int):
-    """The fla config of a recall model: the family's tiny architecture reshaped to settings (short
-    conv on, one output per token, cross-entropy computed by keyred), with settings.fla on top."""
-    keys = architecture(settings.family, "tiny")
-    keys.update(hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers,
-                num_heads=settings.num_heads, fuse_cross_entropy=False, use_cache=False,
-                **head_dim_fields(settings.family, settings.hidden_size, settings.num_heads, settings.key_dim,
-                                  settings.value_dim))
-    keys.update(settings.fla)
-    return CONFIG_CLASSES[settings.family](**keys, vocab_size=vocabulary_size(key_vocab), bos_token_id=None,
-                                           eos_token_id=None, pad_token_id=None)
+    """The fla config of a recall model: the family's tiny architecture reshaped to settings
+    (keyred.bench.shapes.config_fields; short conv on, one output per token, cross-entropy computed
+    by keyred), with settings.fla on top."""
+    shape = ModelShape(family=settings.family, hidden_size=settings.hidden_size, num_layers=settings.num_layers,
+                       num_heads=settings.num_heads, key_dim=settings.key_dim, value_dim=settings.value_dim,
+                       vocab_size=vocabulary_size(key_vocab))
+    keys = {**config_fields(shape), "fuse_cross_entropy": False, "use_cache": False, **settings.fla}
+    return CONFIG_CLASSES[settings.family](**keys, bos_token_id=None, eos_token_id=None, pad_token_id=None)
 
 
 def build_recall_model(settings: RecallModel, key_vocab: int, seed: int):
