@@ -326,19 +326,19 @@ def cross_entropy_loss(
     `inplace_backward` only saves memory in fla and is ignored.
     """
     _refuse_process_group(process_group, "cross-entropy")
-    z = logits.to(compute_dtype(logits)) * logit_scale
+    z = logits.to(compute_dtype(logits))
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if logit_softcapping is not None:
         z = logit_softcapping * torch.tanh(z / logit_softcapping)
-    lse = torch.logsumexp(z, dim=-1)
+    # F.cross_entropy's fused log-softmax is the same formula (label smoothing included: s mean(-log p)
+    # = s (lse - mean(z))) and gives 0 at ignored rows, at under half the CPU time of spelling it out.
+    nll = F.cross_entropy(z, target, ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    if lse_square_scale == 0.0:
+        return nll, torch.zeros_like(nll)
     valid = target != ignore_index
-    target_logit = z.gather(-1, torch.where(valid, target, 0).unsqueeze(-1)).squeeze(-1)
-    if label_smoothing > 0:
-        nll = lse - (1.0 - label_smoothing) * target_logit - label_smoothing * z.mean(-1)
-    else:
-        nll = lse - target_logit
-    z_loss = lse_square_scale * lse.square()
-    zero = z.new_zeros(())
-    return torch.where(valid, nll + z_loss, zero), torch.where(valid, z_loss, zero).detach()
+    z_loss = torch.where(valid, lse_square_scale * torch.logsumexp(z, dim=-1).square(), z.new_zeros(()))
+    return nll + z_loss, z_loss.detach()
 
 
 def fused_cross_entropy_forward(module, input: Tensor, target: Tensor) -> Tensor | tuple[Tensor, Tensor]:
