@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from keyred.config import ConfigError, validate_config
-from keyred.data.recall import (IGNORE, answers, make_recall, read_recall_set, recall_set, sequence_length,
+from keyred.data import IGNORE_INDEX
+from keyred.data.recall import (answers, make_recall, read_recall_set, recall_set, sequence_length,
                                 write_recall_set)
 from keyred.recall.spec import check_recall, reduce_spec, settings_from_train_spec, train_spec
 
@@ -22,7 +23,7 @@ def test_every_query_target_is_the_value_that_followed_its_key():
     for sequence, target in zip(inputs, targets):
         pair_keys, pair_values = sequence[0:2 * pairs:2], sequence[1:2 * pairs:2]
         assert len(set(pair_keys)) == pairs and pair_keys.max() < keys and pair_values.min() >= keys
-        assert (target[:2 * pairs] == IGNORE).all()                     # only the queries are scored
+        assert (target[:2 * pairs] == IGNORE_INDEX).all()                     # only the queries are scored
         for position in range(2 * pairs, 3 * pairs):
             query = sequence[position]                                  # the value is predicted at the query itself
             assert target[position] == pair_values[list(pair_keys).index(query)]

@@ -6,7 +6,7 @@ tokens [0, K) and N values v_1..v_N drawn (with repetition) from [K, 2K); the se
 k_1 v_1 ... k_N v_N followed by the same N keys again in a seeded shuffled order (the queries),
 3N tokens. The target at a query position is the value that followed that key in the pairs (the
 next-token prediction from the query key itself, so no label shift is needed); every other
-position has target IGNORE and counts for neither loss nor accuracy. A state of d_k x d_v per head
+position has target IGNORE_INDEX and counts for neither loss nor accuracy. A state of d_k x d_v per head
 holds at most d_k linearly independent keys exactly, so recall falls once N outgrows the key
 dimension. Sets are seeded and written as .npz files (inputs, targets, pairs, key_vocab, seed).
 """
@@ -19,8 +19,8 @@ import numpy as np
 
 from keyred import io
 from keyred.config import ConfigError
+from keyred.data import IGNORE_INDEX
 
-IGNORE = -100                    # target of a position that is not a query (torch's ignore_index)
 SET_FIELDS = ("inputs", "targets", "pairs", "key_vocab", "seed")
 
 
@@ -42,7 +42,7 @@ def check_task(pairs: int, key_vocab: int, key: str = "recall") -> None:
 
 
 def make_recall(pairs: int, key_vocab: int, samples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, targets) [samples, 3N] int64 drawn from `rng` (module docstring); targets IGNORE off queries."""
+    """(inputs, targets) [samples, 3N] int64 drawn from `rng` (module docstring); targets IGNORE_INDEX off queries."""
     check_task(pairs, key_vocab)
     keys = np.argsort(rng.random((samples, key_vocab)), axis=1)[:, :pairs]          # distinct per row
     values = rng.integers(key_vocab, 2 * key_vocab, size=(samples, pairs))
@@ -50,7 +50,7 @@ def make_recall(pairs: int, key_vocab: int, samples: int, rng: np.random.Generat
     inputs = np.empty((samples, sequence_length(pairs)), dtype=np.int64)
     inputs[:, 0:2 * pairs:2], inputs[:, 1:2 * pairs:2] = keys, values
     inputs[:, 2 * pairs:] = np.take_along_axis(keys, order, axis=1)
-    targets = np.full_like(inputs, IGNORE)
+    targets = np.full_like(inputs, IGNORE_INDEX)
     targets[:, 2 * pairs:] = np.take_along_axis(values, order, axis=1)
     return inputs, targets
 

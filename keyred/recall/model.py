@@ -1,6 +1,6 @@
 """Recall models (fla causal LMs over the MQAR vocabulary), their masked loss and their score.
 
-The model reads a sequence [S, 3N] and is scored at the query positions only (targets != IGNORE):
+The model reads a sequence [S, 3N] and is scored at the query positions only (targets != IGNORE_INDEX):
 accuracy is the fraction of queries whose argmax prediction is the value; its standard error is
 taken over sequences (queries of one sequence share one state, so they are not independent).
 """
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from keyred.data.recall import IGNORE, vocabulary_size
+from keyred.data import IGNORE_INDEX
+from keyred.data.recall import vocabulary_size
 from keyred.device import mixed_precision
 from keyred.bench.shapes import ModelShape, config_fields
 from keyred.fla.models import CONFIG_CLASSES
@@ -41,9 +42,9 @@ def build_recall_model(settings: RecallModel, key_vocab: int, seed: int):
 
 def recall_loss(model, inputs, targets):
     """Mean cross-entropy over the query positions of token ids inputs [B, L] (long tensors on the
-    model's device; targets [B, L] with IGNORE elsewhere)."""
+    model's device; targets [B, L] with IGNORE_INDEX elsewhere)."""
     logits = model(input_ids=inputs, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def batch_tensors(inputs: np.ndarray, targets: np.ndarray, rows, device: str):
@@ -62,7 +63,7 @@ def score_recall(model, inputs: np.ndarray, targets: np.ndarray, device: str = "
             rows = slice(start, start + EVAL_BATCH_SIZE)
             tokens, wanted = batch_tensors(inputs, targets, rows, device)
             predicted = model(input_ids=tokens, use_cache=False).logits.argmax(-1)
-            scored = wanted != IGNORE
+            scored = wanted != IGNORE_INDEX
             correct = ((predicted == wanted) & scored).sum(1).float() / scored.sum(1).float()
             per_sequence.append(correct.cpu().numpy())
     accuracy = np.concatenate(per_sequence)

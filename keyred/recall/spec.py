@@ -63,17 +63,24 @@ def test_set(pairs: int) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class RecallModel:
-    """One recall model: an fla `family` with `num_layers` layers of hidden_size and num_heads heads
-    of d_k = key_dim, d_v = value_dim (short conv on), plus fla config fields `fla` on top."""
+class RecallShape:
+    """The recall.model section: `num_layers` layers of hidden_size, num_heads heads of d_k = key_dim
+    and d_v = value_dim."""
 
-    name: str
-    family: str
     hidden_size: int
     num_layers: int
     num_heads: int
     key_dim: int
     value_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class RecallModel(RecallShape):
+    """One recall model: an fla `family` of a RecallShape (short conv on), plus fla config fields
+    `fla` on top."""
+
+    name: str
+    family: str
     fla: dict
 
 
@@ -120,20 +127,11 @@ def training_settings(values: dict | None, steps: int | None, seed: int) -> Reca
 
 def model_settings(name: str, entry: dict, shape: dict | None, key_dim: int | None = None) -> RecallModel:
     """One model of recall.models with the shared recall.model shape (key_dim: another d_k)."""
-    values = section_settings(_Shape, "recall.model", shape)
+    values = section_settings(RecallShape, "recall.model", shape)
     fields = {**dataclasses.asdict(values), "name": name, "family": entry["family"], "fla": dict(entry.get("fla") or {})}
     if key_dim is not None:
         fields["key_dim"] = key_dim
     return settings_from_dict(RecallModel, fields, f"recall.models.{name}")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Shape:
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    key_dim: int
-    value_dim: int
 
 
 def reduction_settings(values: dict | None) -> RecallReduction:

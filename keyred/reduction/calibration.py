@@ -17,14 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from keyred.config import require
+from keyred.data import IGNORE_INDEX
 from keyred.data.packing import PackedTokens
 from keyred.device import mixed_precision
 from keyred.kernels.layers import l2norm
 from keyred.reduction.channels import key_features, key_steps
 from keyred.reduction.methods import PruneSettings
 from keyred.training.batches import window_batch
-
-IGNORE_INDEX = -100  # a target that is not scored (as in torch's cross-entropy)
 
 
 def calibration_windows(packed: str | Path, count: int, length: int, seed: int) -> np.ndarray:

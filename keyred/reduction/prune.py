@@ -23,7 +23,8 @@ from keyred.fla.models import load_checkpoint
 from keyred.config import require
 from keyred.data.packing import check_vocabulary
 from keyred.data.tokenizer import TOKENIZER_FILES, load_tokenizer
-from keyred.reduction.calibration import IGNORE_INDEX, calibration_windows, check_task_windows
+from keyred.data import IGNORE_INDEX
+from keyred.reduction.calibration import calibration_windows, check_task_windows
 from keyred.fla.models import attention_layers
 from keyred.reduction.methods import (PCA_METHODS, PruneSettings, check_prunable, checkpoint_key_dim,
                                       new_key_dim)

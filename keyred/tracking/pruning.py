@@ -43,7 +43,7 @@ from keyred.config import ConfigError, require, section_settings
 from keyred.data.groups import build_group
 from keyred.data.word_problems import make_word_problems
 from keyred.fla.models import load_checkpoint
-from keyred.reduction.calibration import IGNORE_INDEX
+from keyred.data import IGNORE_INDEX
 from keyred.reduction.methods import PruneSettings, checkpoint_key_dim, new_key_dim, prune_settings
 from keyred.reduction.prune import prune_model
 from keyred.tracking.model import predict, with_bos
