@@ -22,9 +22,10 @@ __all__ = ["CHUNK_SIZE", "chunk_delta_rule", "chunk_gated_delta_product", "chunk
            "fused_recurrent_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_log_decay"]
 
 # Largest chunk handed to keyred's CPU kernels. fla's GPU kernels use 64, but on a CPU the [C, C]
-# triangular solves and decay matrices dominate: with one thread, forward + backward of a tiny
-# DeltaProduct_2 layer (B 16, T 128, 4 heads, d_k 16) takes 42 / 56 / 84 ms gated and 38 / 31 / 44 ms
-# ungated at chunks of 16 / 32 / 64 (scripts/kernel_chunk_sizes.py prints the grid).
+# triangular solves and decay matrices dominate at the default run's small heads: one thread, B 16,
+# T 128, 4 heads, d_k 16, d_v 32, forward + backward in ms at chunks of 16 / 32 / 64: gated
+# DeltaProduct_2 37 / 60 / 87, Gated DeltaNet 18 / 23 / 28 (PYTHONPATH=. python benchmarks/cpu_kernels.py
+# --variants product gated --T 128 --B 16 --H 4 --K 16 --V 32 --chunk-sizes 16 32 64 --no-naive --threads 1).
 CHUNK_SIZE = 16
 
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keyred.config import ConfigError, require
-from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.config import require
+from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
 from keyred.recall.run import reduce_run
 from keyred.recall.spec import reduction_settings, task_settings
-from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import unfinished_training_exit
+from keyred.stages.outcome import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,19 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        spec = read_spec(parser, args.spec)
+    spec = read_spec(parser, args.spec)
+
+    def work() -> str:
         require(isinstance(spec, dict) and set(spec) == {"task", "reduction"}, "spec",
                 f"must be an object with keys task, reduction; got {spec!r}")
         task, reduction = task_settings(spec["task"]), reduction_settings(spec["reduction"])
-        device = torch_device(args.device, args.threads)
-        reduce_run(task, reduction, args.checkpoint, args.data_dir, args.out, device, progress)
-    except ConfigError as error:
-        return bad_input(error)
-    except NonFiniteLossError as error:
-        return unfinished_training_exit(error, "[recall]")
-    print(f"[recall] wrote {args.out}")
-    return 0
+        reduce_run(task, reduction, args.checkpoint, args.data_dir, args.out, torch_device(args.device, args.threads),
+                   progress)
+        return f"[recall] wrote {args.out}"
+
+    return run_stage(work, "[recall]")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keyred.config import ConfigError
-from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
 from keyred.recall.run import TRAIN_OUTPUTS, train_run
 from keyred.recall.spec import settings_from_train_spec
-from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import unfinished_training_exit
+from keyred.stages.outcome import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,16 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        task, model, settings = settings_from_train_spec(read_spec(parser, args.spec))
-        device = torch_device(args.device, args.threads)
-        train_run(task, model, settings, args.data_dir, args.out, device, progress)
-    except ConfigError as error:
-        return bad_input(error)
-    except NonFiniteLossError as error:
-        return unfinished_training_exit(error, "[recall]")
-    print(f"[recall] wrote {args.out}")
-    return 0
+    spec = read_spec(parser, args.spec)
+
+    def work() -> str:
+        task, model, settings = settings_from_train_spec(spec)
+        train_run(task, model, settings, args.data_dir, args.out, torch_device(args.device, args.threads), progress)
+        return f"[recall] wrote {args.out}"
+
+    return run_stage(work, "[recall]")
 
 
 if __name__ == "__main__":

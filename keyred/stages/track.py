@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 from keyred.config import ConfigError
-from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
+from keyred.stages.outcome import run_stage
 from keyred.tracking.run import OUTPUTS, run_state_tracking, save_run
 from keyred.tracking.spec import settings_from_spec
-from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import TrainingStopped, remove_resume_state, unfinished_training_exit
+from keyred.training.resume import remove_resume_state
 
 DATA_SETS = ("train", "validation", "test")      # --<set>-data options, in this order
 
@@ -50,26 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        model_settings, settings = settings_from_spec(read_spec(parser, args.spec))
+    spec = read_spec(parser, args.spec)
+
+    def work() -> str:
+        model_settings, settings = settings_from_spec(spec)
         data = {name: getattr(args, f"{name}_data") for name in DATA_SETS if getattr(args, f"{name}_data")}
         if "train" in data and not settings.train_samples:
             raise ConfigError(f"--train-data {data['train']}: train.train_samples is 0, so every step draws fresh "
                               f"sequences and no training file is read; leave --train-data out")
-    except ConfigError as error:
-        return bad_input(error)
-    try:
-        device = torch_device(args.device, args.threads)
-        result, curve, summary, history = run_state_tracking(model_settings, settings, device, progress,
-                                                             args.resume_dir, data)
-    except ConfigError as error:
-        return bad_input(error)
-    except (NonFiniteLossError, TrainingStopped) as error:
-        return unfinished_training_exit(error, "[state_tracking]", args.resume_dir)
-    save_run(args.out, model_settings, settings, result, curve, summary, history)
-    remove_resume_state(args.resume_dir)
-    print(f"[state_tracking] wrote {Path(args.out)}/checkpoint, curve.csv, summary.csv, history.csv")
-    return 0
+        result, curve, summary, history = run_state_tracking(
+            model_settings, settings, torch_device(args.device, args.threads), progress, args.resume_dir, data)
+        save_run(args.out, model_settings, settings, result, curve, summary, history)
+        remove_resume_state(args.resume_dir)
+        return f"[state_tracking] wrote {Path(args.out)}/checkpoint, curve.csv, summary.csv, history.csv"
+
+    return run_stage(work, "[state_tracking]", resume_dir=args.resume_dir)
 
 
 if __name__ == "__main__":

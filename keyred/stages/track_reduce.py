@@ -13,7 +13,7 @@ batches and, without --test-data, the test set are drawn. Writes one tidy CSV (-
 atomically): one row per method x ratio x stage (unpruned, pruned, recovered) plus the control
 rows of method `none`. Exit code 2 for a refused input (an unknown method, a ratio that leaves no
 key channel, empty methods, a checkpoint that is not a state tracker, a test file of other
-settings), before any model is loaded.
+settings), before any model is loaded; 1 when a recovery's loss became NaN or infinite.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from keyred import io
-from keyred.config import ConfigError
-from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
+from keyred.stages.outcome import run_stage
 from keyred.tracking.pruning import plan_tracker_pruning, prune_tracker_run, tracker_pruning_settings
 
 
@@ -45,16 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        plan = plan_tracker_pruning(args.checkpoint, tracker_pruning_settings(read_spec(parser, args.spec)),
-                                    args.test_data)
-    except ConfigError as error:
-        return bad_input(error)
-    device = torch_device(args.device, args.threads)
-    table = prune_tracker_run(plan, device, progress)
-    io.write_csv(args.out, table)
-    print(f"[track_reduce] wrote {Path(args.out)} ({len(table)} rows)")
-    return 0
+    spec = read_spec(parser, args.spec)
+
+    def work() -> str:
+        plan = plan_tracker_pruning(args.checkpoint, tracker_pruning_settings(spec), args.test_data)
+        table = prune_tracker_run(plan, torch_device(args.device, args.threads), progress)
+        io.write_csv(args.out, table)
+        return f"[track_reduce] wrote {Path(args.out)} ({len(table)} rows)"
+
+    return run_stage(work, "[track_reduce]")
 
 
 if __name__ == "__main__":
