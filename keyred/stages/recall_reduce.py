@@ -20,7 +20,7 @@ from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
 from keyred.recall.run import reduce_run
 from keyred.recall.spec import reduction_settings, task_settings
-from keyred.stages.outcome import run_stage
+from keyred.training.resume import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:

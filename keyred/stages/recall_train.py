@@ -18,7 +18,7 @@ from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
 from keyred.recall.run import TRAIN_OUTPUTS, train_run
 from keyred.recall.spec import settings_from_train_spec
-from keyred.stages.outcome import run_stage
+from keyred.training.resume import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,10 +26,9 @@ from pathlib import Path
 from keyred.config import ConfigError
 from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
-from keyred.stages.outcome import run_stage
 from keyred.tracking.run import OUTPUTS, run_state_tracking, save_run
 from keyred.tracking.spec import settings_from_spec
-from keyred.training.resume import remove_resume_state
+from keyred.training.resume import remove_resume_state, run_stage
 
 DATA_SETS = ("train", "validation", "test")      # --<set>-data options, in this order
 

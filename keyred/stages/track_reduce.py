@@ -25,8 +25,8 @@ from pathlib import Path
 from keyred import io
 from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
-from keyred.stages.outcome import run_stage
 from keyred.tracking.pruning import plan_tracker_pruning, prune_tracker_run, tracker_pruning_settings
+from keyred.training.resume import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ Stopping on a signal (`StopSignals`): while a loop runs with a resume folder, SI
 SIGTERM (what SLURM sends before and at the wall time) only mark a stop as requested; the loop
 saves its state at the next step boundary and raises `TrainingStopped`, and the stage exits with
 STOPPED_EXIT_CODE, so Snakemake sees a failed job and its retry resumes from that step.
+`run_stage` maps a training stage's outcome (done, refused input, non-finite loss, stop) to its
+exit code.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from keyred import io
 from keyred.config import ConfigError
+from keyred.console import bad_input
 from keyred.training.optimizer import NonFiniteLossError
 
 RESUME_FILE = "state.pt"
@@ -180,3 +184,19 @@ def unfinished_training_exit(error: NonFiniteLossError | TrainingStopped, label:
     kept = f"; the last good state is kept in {resume_dir}" if resume_dir else ""
     print(f"error: {error}{kept}", file=sys.stderr)
     return 1
+
+
+def run_stage(work: Callable[[], str], label: str, refused: tuple[type[Exception], ...] = (ConfigError,),
+              resume_dir: str | Path | None = None) -> int:
+    """A training stage's exit code: call `work` and print the line it returns (0); an error of
+    `refused` is a bad input (keyred.console.bad_input), a non-finite loss or a stop signal goes
+    to unfinished_training_exit (`label` prefixes the stop message, `resume_dir` is named as
+    keeping the last good state)."""
+    try:
+        done = work()
+    except refused as error:
+        return bad_input(error)
+    except (NonFiniteLossError, TrainingStopped) as error:
+        return unfinished_training_exit(error, label, resume_dir)
+    print(done)
+    return 0
