@@ -77,10 +77,11 @@ def plot_recall_reduction(reduction: pd.DataFrame, pairs: int, figure_path: str 
             ax.grid(alpha=0.3)
         axes[0][column].set_ylabel(f"recall accuracy at N={pairs}")
         axes[1][column].set_ylabel(f"recall accuracy at N={pairs}")
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(5, len(labels)))   # below, not on data
     fig.suptitle("MQAR recall vs key reduction (mean over seeds, bars: std over seeds, dots: each seed)",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.025 * -(-len(labels) // 5), 1, 1))
     save_figure(fig, figure_path)
 
 

@@ -3,6 +3,7 @@ length solved, unpruned -> pruned -> recovered, every seed shown."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -71,8 +72,8 @@ def plot_pruning_grid(table: pd.DataFrame, figure_path: str | Path) -> None:
     ax.set_yticks(range(len(configurations)), [f"{group} {model}" for group, model in configurations], fontsize=8)
     steps = sorted(table.loc[table["stage"] == "recovered", "recovery_steps"].unique())
     threshold = float(table["solved_threshold"].iloc[0])
-    ax.set_xlabel(f"longest length solved (>= {threshold:.0%} of test sequences all correct), per seed: unpruned → "
-                  f"pruned → recovered ({'/'.join(map(str, steps)) or 'no'} recovery steps); colour: last stage",
-                  fontsize=8)
+    label = (f"longest length solved (>= {threshold:.0%} of test sequences all correct), per seed: unpruned → "
+             f"pruned → recovered ({'/'.join(map(str, steps)) or 'no'} recovery steps); colour: last stage")
+    ax.set_xlabel(textwrap.fill(label, width=int(14 * fig.get_figwidth())), fontsize=8)  # ~14 characters per inch
     fig.tight_layout()
     save_figure(fig, figure_path)
