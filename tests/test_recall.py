@@ -133,6 +133,29 @@ def test_reduction_scores_every_method_before_and_after_lora(trained):
                                "--data-dir", str(root / "data"), "--out", str(root / "x.csv")]) == 2
 
 
+def test_lora_recovery_does_not_depend_on_the_global_random_state(trained):
+    import torch
+
+    from keyred.fla.models import load_checkpoint
+    from keyred.recall.reduction import recover
+    from keyred.recall.run import read_sets
+    from keyred.recall.spec import task_settings
+    from keyred.training.lora import finetune_settings
+
+    config, root = trained
+    model = load_checkpoint(root / "dn" / "checkpoint")[0]
+    train_set = read_sets(task_settings(config["recall"]["task"]), root / "data", ["train"])["train"]
+    settings = finetune_settings(config["recall"]["reduction"]["finetune"])
+    results = []
+    for state in (1, 2):   # whatever drew from torch's generator before must not change the recovery
+        torch.manual_seed(state)
+        recovered, loss = recover(load_checkpoint(root / "dn" / "checkpoint")[0], train_set, settings, "cpu", "dn")
+        results.append((loss, [p.detach().clone() for p in recovered.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert not all(torch.equal(a, b) for a, b in zip(results[0][1], model.parameters()))   # it did train
+
+
 def test_recall_tables_and_figures(trained, tmp_path):
     from keyred.figures.recall import capacity_table, plot_recall_capacity, plot_recall_reduction, recall_summary
 
