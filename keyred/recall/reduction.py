@@ -16,7 +16,6 @@ import copy
 import time
 
 import numpy as np
-import torch
 
 from keyred.checkpoints import LORA, PRUNED, UNPRUNED
 from keyred.fla.families import key_head_dim
@@ -39,7 +38,6 @@ def score_sets(model, task: RecallTask, sets: dict, device: str, columns: dict) 
 def recover(pruned, train_set, settings: FinetuneSettings, device: str, name: str):
     """LoRA-train `pruned` (modified in place) on the task for settings.steps batches; return the
     merged model (eval mode) and the mean loss of the last ten steps."""
-    torch.manual_seed(settings.seed)  # the adapters' initialisation, the same in every run
     peft_model = add_lora(pruned, settings)
     optimizer = build_optimizer(peft_model, settings.lr, settings.weight_decay, BETAS, device)
     order = BatchOrder(len(train_set[0]), settings.batch_size, settings.seed)

@@ -151,8 +151,11 @@ def extra_parameter_names(model) -> list[str]:
 
 def add_lora(model, settings: FinetuneSettings):
     """Wrap `model` (modified in place) with peft LoRA adapters on settings.target_modules; freeze
-    every base weight except the train_extra ones. Returns the PeftModel."""
+    every base weight except the train_extra ones. Returns the PeftModel. Seeds torch with
+    settings.seed first, so the adapters' initialisation (and the draws after it) is the same in
+    every run, whatever the process drew before."""
     check_targets(model, settings.target_modules)
+    torch.manual_seed(settings.seed)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules), bias="none")
     peft_model = get_peft_model(model, config)
@@ -217,7 +220,6 @@ def finetune(model, packed: str | Path, settings: FinetuneSettings, device: str,
     val_loss_before = state["rows"][0]["val_loss"] if state else validation_loss(model, val_windows,
                                                                                  settings.batch_size, device)
 
-    torch.manual_seed(settings.seed)
     peft_model = add_lora(model, settings)
     peft_model.train()
     if teacher is not None:
