@@ -21,15 +21,14 @@ import sys
 
 from keyred.checkpoints import CheckpointError
 from keyred.config import ConfigError
-from keyred.console import add_torch_options, bad_input, progress, read_spec
+from keyred.console import add_torch_options, progress, read_spec
 from keyred.data.corpus import read_documents
 from keyred.data.packing import check_heldout_length, check_packed
 from keyred.data.tokenizer import load_tokenizer
 from keyred.device import torch_device
 from keyred.reduction.methods import checkpoint_key_dim, new_key_dim
 from keyred.reduction.sweep import read_sections, reduce_model
-from keyred.training.optimizer import NonFiniteLossError
-from keyred.training.resume import TrainingStopped, unfinished_training_exit
+from keyred.training.resume import run_stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,20 +68,16 @@ def check_inputs(args, sections) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        sections = read_sections(read_spec(parser, args.spec), args.method, args.ratios)
+    spec = read_spec(parser, args.spec)
+
+    def work() -> str:
+        sections = read_sections(spec, args.method, args.ratios)
         check_inputs(args, sections)
-    except ConfigError as error:
-        return bad_input(error)
-    try:
         reduce_model(args.name, args.checkpoint, args.packed, args.corpus, args.tokenizer, sections, args.context,
                      args.out, torch_device(args.device, args.threads), progress, args.resume_dir)
-    except (ConfigError, CheckpointError) as error:
-        return bad_input(error)
-    except (NonFiniteLossError, TrainingStopped) as error:
-        return unfinished_training_exit(error, "[reduce]")
-    progress(f"[reduce] wrote {args.out}")
-    return 0
+        return f"[reduce] wrote {args.out}"
+
+    return run_stage(work, "[reduce]", refused=(ConfigError, CheckpointError))
 
 
 if __name__ == "__main__":
