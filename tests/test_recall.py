@@ -4,6 +4,7 @@ config checks, a short training and reduction through the stages, and the tables
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -111,7 +112,7 @@ def test_training_writes_the_checkpoint_curve_and_capacity(trained):
     assert (model.family, model.key_dim, settings.steps) == ("delta_net", 8, 30)
 
 
-def test_reduction_scores_every_method_before_and_after_lora(trained):
+def test_reduction_scores_every_method_before_and_after_lora(trained, capsys):
     from keyred.stages import recall_reduce
 
     config, root = trained
@@ -131,6 +132,15 @@ def test_reduction_scores_every_method_before_and_after_lora(trained):
     other = {**reduce_spec(config), "task": {**config["recall"]["task"], "key_vocab": 9}}
     assert recall_reduce.main(["--spec", json.dumps(other), "--checkpoint", str(root / "dn" / "checkpoint"),
                                "--data-dir", str(root / "data"), "--out", str(root / "x.csv")]) == 2
+    # so is a checkpoint that is not a recall model's, naming what it is
+    not_recall = root / "not_recall"
+    shutil.copytree(root / "dn" / "checkpoint", not_recall)
+    info = json.loads((not_recall / "keyred.json").read_text())
+    (not_recall / "keyred.json").write_text(json.dumps({**info, "stage": "train"}))
+    assert recall_reduce.main(["--spec", json.dumps(reduce_spec(config)), "--checkpoint", str(not_recall),
+                               "--data-dir", str(root / "data"), "--out", str(root / "x.csv")]) == 2
+    assert "is a 'train' checkpoint; give the checkpoint/ of a recall model" in capsys.readouterr().err
+    assert not (root / "x.csv").exists()
 
 
 def test_lora_recovery_does_not_depend_on_the_global_random_state(trained):

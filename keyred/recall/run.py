@@ -16,7 +16,7 @@ import pandas as pd
 
 from keyred import io
 from keyred.checkpoints import new_info, read_info, save_checkpoint
-from keyred.config import ConfigError
+from keyred.config import ConfigError, require
 from keyred.data.recall import read_recall_set
 from keyred.fla.models import load_checkpoint
 from keyred.recall.model import build_recall_model
@@ -65,7 +65,10 @@ def train_run(task: RecallTask, model_settings_: RecallModel, settings: RecallTr
 def reduce_run(task: RecallTask, reduction: RecallReduction, checkpoint, data_dir, out, device: str = "cpu",
                log=print) -> None:
     """Reduce the trained recall model in `checkpoint` and write its reduction table to `out` (a CSV)."""
-    recorded = read_info(checkpoint).extra["recall"]
+    info = read_info(checkpoint)
+    require(info.stage == STAGE, "checkpoint", f"{checkpoint} is a {info.stage!r} checkpoint; give the checkpoint/ of "
+            f"a recall model (keyred recall_train), whose keyred.json holds its task and settings")
+    recorded = info.extra["recall"]
     trained_task = task_settings(recorded["task"])
     if trained_task != task:
         raise ConfigError(f"checkpoint {checkpoint} was trained on the task {trained_task}, but the reduction "

@@ -7,7 +7,8 @@
 The spec holds the config's `recall.task` and `recall.reduction` sections
 (keyred.recall.spec.reduce_spec); the checkpoint's keyred.json says which model and seed it is.
 Writes one tidy table (keyred.recall.reduction). Exit code 2 for a refused input (a bad setting,
-a checkpoint trained on another task), 1 when a recovery's loss became NaN or infinite.
+a checkpoint that is not a recall model's or was trained on another task), 1 when a recovery's
+loss became NaN or infinite.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keyred.config import require
+from keyred.checkpoints import CheckpointError
+from keyred.config import ConfigError, require
 from keyred.console import add_torch_options, progress, read_spec
 from keyred.device import torch_device
 from keyred.recall.run import reduce_run
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                    progress)
         return f"[recall] wrote {args.out}"
 
-    return run_stage(work, "[recall]")
+    return run_stage(work, "[recall]", refused=(ConfigError, CheckpointError))
 
 
 if __name__ == "__main__":
